@@ -1,0 +1,1 @@
+"""The command-line layer: each command parses, calls one library function, renders."""

@@ -1,0 +1,87 @@
+"""The ``imgclf`` Typer app: command registration and the one error boundary.
+
+Known errors (``ImgclfError``) become ``Error: ...`` / ``Hint: ...`` on stderr with exit code 1
+(2 for usage errors); set ``IMGCLF_DEBUG=1`` to see tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from imgclf_cli import __version__
+from imgclf_cli.cli import evaluate, export, inspect_dataset, predict, train
+from imgclf_cli.console import err
+from imgclf_cli.errors import ImgclfError
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="imgclf",
+    help="Train, evaluate, export and run image classifiers from a folder of images (one sub-folder per class).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def render_error(error: ImgclfError) -> None:
+    err.print(f"[bold red]Error:[/bold red] {error.message}", highlight=False, markup=True, soft_wrap=True)
+    if error.hint:
+        err.print(f"[dim]Hint:[/dim] {error.hint}", highlight=False, markup=True, soft_wrap=True)
+
+
+def error_boundary(command: Command) -> Command:
+    """Turn known errors into one clear message and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ImgclfError as error:
+            if os.environ.get("IMGCLF_DEBUG"):
+                raise
+            render_error(error)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"imgclf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=show_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Turn a folder of images (one sub-folder per class) into a trained, evaluated, exported classifier."""
+
+
+app.command("train")(error_boundary(train.train_command))
+app.command("evaluate")(error_boundary(evaluate.evaluate_command))
+app.command("predict")(error_boundary(predict.predict_command))
+app.command("export")(error_boundary(export.export_command))
+app.command("inspect-dataset")(error_boundary(inspect_dataset.inspect_dataset_command))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""``imgclf train``: parse options, call ``imgclf_cli.training.train``, render the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from imgclf_cli.cli.options import JsonOption, RunsDirOption
+from imgclf_cli.console import err, make_table, out, print_json, print_skipped_files, progress_enabled
+from imgclf_cli.errors import DatasetError
+
+SAMPLE_DATA = Path("sample_data")
+
+
+def train_command(
+    data_dir: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Folder with one sub-folder of images per class (or train/ val/ test/ splits of them). "
+            "Default: ./sample_data when it exists.",
+            show_default=False,
+        ),
+    ] = None,
+    config_file: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML config file (see --print-config).", dir_okay=False)
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Override a config key: --set train.epochs=5 (repeatable).", metavar="KEY=VALUE"),
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum number of epochs.", min=1, show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.", min=1, show_default=False)] = None,
+    image_size: Annotated[
+        Optional[int], typer.Option(help="Square input size in pixels.", min=8, max=4096, show_default=False)
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="imgclf-cnn, or a backbone: mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, resnet50...", show_default=False),
+    ] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.", min=0.0, show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, shuffling and initialisation.", show_default=False)] = None,
+    runs_dir: RunsDirOption = None,
+    name: Annotated[Optional[str], typer.Option(help="A name appended to the run id.", show_default=False)] = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(help="Continue an interrupted run (run id, folder or 'latest') from its last completed epoch.", metavar="RUN", show_default=False),
+    ] = None,
+    json_output: JsonOption = False,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print every config key with its default (YAML) and exit.")
+    ] = False,
+) -> None:
+    """Train an image classifier on DATA_DIR and save it as a new run.
+
+    Example:
+
+        imgclf train sample_data --epochs 10 --set train.label_smoothing=0.05
+    """
+    from imgclf_cli.config import documented_yaml
+
+    if print_config:
+        out.print(documented_yaml(), highlight=False, markup=False, end="")
+        return
+    if data_dir is None and resume is None:
+        if not SAMPLE_DATA.is_dir():
+            raise DatasetError("No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES")
+        data_dir = SAMPLE_DATA
+
+    flags: dict[str, Any] = {
+        "train.epochs": epochs,
+        "data.batch_size": batch_size,
+        "data.image_size": image_size,
+        "model.name": model,
+        "train.learning_rate": learning_rate,
+        "seed": seed,
+    }
+    from imgclf_cli.training import train
+
+    result = train(
+        data_dir=data_dir,
+        config_file=config_file,
+        overrides=overrides or [],
+        flags=flags,
+        runs_dir=runs_dir,
+        name=name,
+        resume=resume,
+        show_progress=progress_enabled(),
+        quiet=json_output,
+    )
+    if json_output:
+        print_json(result.to_dict())
+        return
+    print_skipped_files(result.skipped_files)
+    summary = make_table(
+        ["best epoch", "val accuracy", "val loss", "epochs run", "time (s)", "run"],
+        [[result.best_epoch, result.val_accuracy, result.val_loss, result.epochs_run, round(result.train_seconds, 1), str(result.run_dir)]],
+        title="Training finished",
+        numeric=["best epoch", "val accuracy", "val loss", "epochs run", "time (s)"],
+    )
+    out.print(summary)
+    err.print(f"Next: imgclf evaluate --run {result.run_id}", highlight=False)

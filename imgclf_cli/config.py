@@ -1,0 +1,344 @@
+"""The training configuration: typed dataclasses, YAML files, ``--set`` overrides, validation.
+
+Precedence: defaults < YAML file (``--config``) < ``--set key=value`` < explicit flags.
+Unknown keys and wrong types are errors that name the key, the expected type and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from imgclf_cli.errors import ConfigError, UsageError
+
+DEFAULT_MODEL = "imgclf-cnn"
+
+
+@dataclass
+class DataConfig:
+    image_size: int | list[int] = 128
+    """Input size: one number for square images or [height, width]; images are resized to it."""
+    batch_size: int = 32
+    validation_split: float = 0.2
+    """Fraction of each class held out for validation when the dataset has no val/ folder."""
+    cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    """Where decoded, resized images are kept after the first epoch; auto = memory when they fit."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    """imgclf-cnn (from scratch, fast on a CPU) or a keras.applications backbone (see below)."""
+    weights: str = "imagenet"
+    """Backbone weights: imagenet, none (random) or a path to a .weights.h5 file."""
+    freeze_backbone: Literal["auto", "true", "false"] = "auto"
+    """auto: freeze pretrained backbones, train random ones."""
+    fine_tune_layers: int = 0
+    """With a frozen backbone, the number of its last layers to train anyway (BatchNorm stays frozen)."""
+    dropout: float = 0.2
+    width: int = 32
+    """imgclf-cnn only: channels of the first block (doubled in each of the next blocks)."""
+
+
+@dataclass
+class AugmentConfig:
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    rotation: float = 0.05
+    """Random rotation, as a fraction of a full turn."""
+    zoom: float = 0.1
+    translation: float = 0.1
+    contrast: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    learning_rate: float = 0.002
+    weight_decay: float = 0.0001
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr_schedule: Literal["cosine", "constant", "plateau"] = "cosine"
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    class_weights: Union[Literal["none", "auto"], dict[str, float]] = "auto"
+    """none, auto (inverse class frequency when classes are imbalanced) or {class: weight}."""
+    early_stopping_patience: int = 8
+    """Epochs without val_loss improvement before stopping (0 turns early stopping off)."""
+    mixed_precision: Literal["auto", "true", "false"] = "auto"
+    """auto: float16 mixed precision when a GPU is present."""
+    distribute: Literal["auto", "mirrored", "none"] = "auto"
+    """auto: tf.distribute.MirroredStrategy when more than one GPU is present."""
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.data.image_size
+        if isinstance(size, int):
+            return (size, size)
+        return (int(size[0]), int(size[1]))
+
+
+def all_keys(config_type: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key, e.g. ``train.epochs``."""
+    keys = []
+    for item in dataclasses.fields(config_type):
+        hint = typing.get_type_hints(config_type)[item.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, f"{prefix}{item.name}."))  # type: ignore[arg-type]
+        else:
+            keys.append(f"{prefix}{item.name}")
+    return keys
+
+
+def describe_type(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(str(value) for value in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " | ".join(describe_type(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return f"list of {describe_type(typing.get_args(hint)[0])}"
+    if origin is dict:
+        key, value = typing.get_args(hint)
+        return f"mapping {describe_type(key)} -> {describe_type(value)}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """``value`` converted to ``hint`` when it is an acceptable spelling; ValueError otherwise."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        # YAML reads true/false/none as booleans and null; the choices are spelled as strings.
+        if value is None or isinstance(value, bool):
+            value = {True: "true", False: "false", None: "none"}[value]
+        spelled = value
+        if isinstance(spelled, str) and spelled.lower() in choices:
+            return spelled.lower()
+        raise ValueError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return coerce(value, arg)
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError
+        (item_hint,) = typing.get_args(hint)
+        return [coerce(item, item_hint) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        key_hint, value_hint = typing.get_args(hint)
+        return {coerce(key, key_hint): coerce(item, value_hint) for key, item in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return "none"
+        raise ValueError
+    raise ValueError
+
+
+def apply_values(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of the dataclass ``target`` from a (nested) mapping, validating each."""
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            valid = ", ".join(all_keys(type(target), prefix))
+            raise ConfigError(f"Unknown config key '{dotted}'", f"valid keys: {valid}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{dotted}' must be a mapping of its sub-keys, got {value!r}")
+            apply_values(getattr(target, key), value, f"{dotted}.")
+            continue
+        try:
+            converted = coerce(value, hint)
+        except ValueError:
+            raise ConfigError(
+                f"Config key '{dotted}' expects {describe_type(hint)}, got {value!r}"
+            ) from None
+        setattr(target, key, converted)
+
+
+def validate(config: Config) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (all(8 <= side <= 4096 for side in config.image_size), "data.image_size", "sizes between 8 and 4096"),
+        (config.data.batch_size >= 1, "data.batch_size", "a positive integer"),
+        (0.0 < config.data.validation_split < 1.0, "data.validation_split", "a fraction between 0 and 1"),
+        (config.train.epochs >= 1, "train.epochs", "a positive integer"),
+        (config.train.learning_rate > 0, "train.learning_rate", "a positive number"),
+        (0.0 <= config.train.label_smoothing < 1.0, "train.label_smoothing", "a value in [0, 1)"),
+        (0.0 <= config.model.dropout < 1.0, "model.dropout", "a value in [0, 1)"),
+        (config.train.early_stopping_patience >= 0, "train.early_stopping_patience", "0 or more"),
+        (config.train.warmup_epochs >= 0, "train.warmup_epochs", "0 or more"),
+    ]
+    size = config.data.image_size
+    if isinstance(size, list) and len(size) != 2:
+        raise ConfigError(f"Config key 'data.image_size' expects one number or [height, width], got {size!r}")
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"Config key '{key}' expects {expected}, got {lookup(config, key)!r}")
+
+
+def lookup(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    cursor = result
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return result
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=5`` -> ("train.epochs", 5); the value is read as YAML."""
+    key, separator, raw = text.partition("=")
+    key = key.strip()
+    if not separator or not key:
+        raise UsageError(
+            f"Invalid --set {text!r}: expected KEY=VALUE",
+            "for example --set train.epochs=5 (see imgclf train --print-config for keys)",
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if key not in all_keys():
+        raise UsageError(
+            f"Invalid --set {text!r}: unknown key '{key}'",
+            f"valid keys: {', '.join(all_keys())}",
+        )
+    return key, value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}", "pass an existing YAML file to --config")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"Invalid YAML in {path}{where}: {problem}", "fix the syntax of the config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {path} is not UTF-8 text", "pass a YAML file") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of keys, got {type(document).__name__}")
+    return document
+
+
+def resolve_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build the effective config: defaults < ``base`` < YAML file < ``--set`` < flags.
+
+    ``flags`` maps dotted keys to values of flags the user gave explicitly (None = not given).
+    ``base`` is a stored config (e.g. of a resumed run).
+    """
+    config = Config()
+    if base:
+        apply_values(config, base)
+    if config_file:
+        apply_values(config, load_yaml(config_file))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        apply_values(config, nest(key, value))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            apply_values(config, nest(key, value))
+    validate(config)
+    return config
+
+
+def documented_yaml() -> str:
+    """Every key with its default and a comment: what ``--print-config`` prints."""
+    lines = ["# imgclf training config: every key with its default.", ""]
+    config = Config()
+    lines.append(f"seed: {config.seed}  # one seed for the split, shuffling, initialisation and augmentation")
+    for section in ("data", "model", "augment", "train"):
+        lines.append(f"{section}:")
+        section_value = getattr(config, section)
+        docs = attribute_docs(type(section_value))
+        hints = typing.get_type_hints(type(section_value))
+        for item in dataclasses.fields(section_value):
+            value = yaml.safe_dump(getattr(section_value, item.name), default_flow_style=True).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            comment = docs.get(item.name) or ""
+            type_text = describe_type(hints[item.name])
+            lines.append(f"  {item.name}: {value}  # {type_text}{'. ' + comment if comment else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def attribute_docs(config_type: type) -> dict[str, str]:
+    """The docstrings written under dataclass fields (read from the source)."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(config_type))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for previous, node in zip(body, body[1:]):
+        if (
+            isinstance(previous, ast.AnnAssign)
+            and isinstance(previous.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[previous.target.id] = " ".join(node.value.value.split())
+    return docs

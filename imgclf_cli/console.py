@@ -1,0 +1,75 @@
+"""Rich consoles and small rendering helpers shared by every command.
+
+Results go to stdout (``out``); progress, warnings and errors go to stderr (``err``), so that
+``--json`` output on stdout stays exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def progress_enabled() -> bool:
+    """Live progress bars only when a human watches stderr (never in CI logs or pipes)."""
+    if os.environ.get("IMGCLF_PROGRESS") == "0":
+        return False
+    return err.is_terminal
+
+
+def print_json(document: Any) -> None:
+    """Write one JSON document to stdout, bypassing Rich so nothing is wrapped or highlighted."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/yellow] {message}", highlight=False, markup=True)
+
+
+def info(message: str) -> None:
+    err.print(message, highlight=False)
+
+
+def make_table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    title: str | None = None,
+    numeric: Sequence[str] = (),
+) -> Table:
+    """A table whose numeric columns are right-aligned."""
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name, justify="right" if name in numeric else "left")
+    for row in rows:
+        table.add_row(*(format_cell(value) for value in row))
+    return table
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def print_skipped_files(skipped: Sequence[dict[str, str]], limit: int = 20) -> None:
+    """List files that could not be read, on stderr (they were skipped, not fatal)."""
+    if not skipped:
+        return
+    warn(f"{len(skipped)} file(s) could not be read and were skipped:")
+    for entry in skipped[:limit]:
+        err.print(f"  {entry['path']}: {entry['reason']}", highlight=False, markup=False)
+    if len(skipped) > limit:
+        err.print(f"  ... and {len(skipped) - limit} more", highlight=False)

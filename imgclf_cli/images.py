@@ -1,0 +1,136 @@
+"""Decoding images exactly one way, shared by training, evaluation, prediction and export.
+
+Only Pillow and NumPy are used here (no TensorFlow), so the TensorFlow-free prediction path
+and ``inspect-dataset`` decode images exactly as training does. The format is decided by the
+file's content, never by its extension.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats as Pillow names them after reading the header. MPO is what many phone cameras write:
+# a JPEG with extra frames.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"})
+
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header of an image file says, read without decoding its pixels."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+
+
+class UnreadableImage(Exception):
+    """An image that cannot be decoded; ``reason`` says why in a few words."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def describe_error(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image or an unsupported format"
+    return text.splitlines()[0]
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Identify an image from its content (cheap: only the header is read).
+
+    Raises ``UnreadableImage`` for empty files, non-images and unsupported formats.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImage(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                header = ImageHeader(
+                    format=image.format or "unknown",
+                    mode=image.mode,
+                    width=image.width,
+                    height=image.height,
+                )
+    except UnreadableImage:
+        raise
+    except DECODE_ERRORS as error:
+        raise UnreadableImage(path, describe_error(error)) from error
+    if header.format not in SUPPORTED_FORMATS:
+        raise UnreadableImage(path, f"unsupported image format {header.format}")
+    return header
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (L, P, RGBA, CMYK, 16-bit, float) as 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and float images: scale the actual range into 0..255 rather than clipping.
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        array = ((array - low) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
+    """Decode one image file as an RGB ``uint8`` array of shape ``(height, width, 3)``.
+
+    GIFs and multi-frame files give their first frame; EXIF orientation is applied; the image
+    is resized (bilinear, antialiased) to ``image_size`` = ``(height, width)``.
+    Raises ``UnreadableImage`` when the file cannot be decoded (truncated, not an image...).
+    """
+    height, width = image_size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                if image.format not in SUPPORTED_FORMATS:
+                    raise UnreadableImage(path, f"unsupported image format {image.format}")
+                if image.format in ("JPEG", "MPO"):
+                    # Let libjpeg decode at a reduced scale when the photo is much larger than
+                    # the target: several times faster for camera images, same result size.
+                    longest = max(height, width)
+                    image.draft("RGB", (longest, longest))
+                image.seek(0)
+                image.load()
+                image = ImageOps.exif_transpose(image) or image
+                image = to_rgb(image)
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.Resampling.BILINEAR)
+                return np.asarray(image, dtype=np.uint8)
+    except UnreadableImage:
+        raise
+    except DECODE_ERRORS as error:
+        raise UnreadableImage(path, describe_error(error)) from error
+
+
+def load_image_bytes(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
+    """Like ``load_image`` for an image held in memory."""
+    import io
+
+    return load_image(io.BytesIO(data), image_size)  # type: ignore[arg-type]

@@ -1,0 +1,204 @@
+"""Model architectures, with preprocessing and augmentation inside the model.  [heavy]
+
+Every model takes RGB images as floats in 0..255 (any height and width: a ``Resizing`` layer
+brings them to the trained size), rescales them as its backbone expects, augments them during
+training only, and outputs class probabilities. So prediction and export never re-implement
+preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from imgclf_cli.config import AugmentConfig, Config, DEFAULT_MODEL
+from imgclf_cli.errors import ModelError
+
+
+@keras.saving.register_keras_serializable(package="imgclf")
+class ReverseChannels(layers.Layer):
+    """RGB -> BGR, for backbones trained with Caffe-style inputs (ResNet50)."""
+
+    def call(self, inputs):  # type: ignore[no-untyped-def]
+        return inputs[..., ::-1]
+
+    def compute_output_shape(self, input_shape):  # type: ignore[no-untyped-def]
+        return input_shape
+
+
+@dataclass(frozen=True)
+class Backbone:
+    constructor: str  # attribute of keras.applications
+    preprocessing: str  # builtin | tf | torch | caffe
+    extra_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+BACKBONES: dict[str, Backbone] = {
+    "mobilenet_v3_small": Backbone("MobileNetV3Small", "builtin", (("include_preprocessing", True),)),
+    "mobilenet_v3_large": Backbone("MobileNetV3Large", "builtin", (("include_preprocessing", True),)),
+    "mobilenet_v2": Backbone("MobileNetV2", "tf"),
+    "efficientnet_b0": Backbone("EfficientNetB0", "builtin"),
+    "efficientnet_b1": Backbone("EfficientNetB1", "builtin"),
+    "efficientnet_b2": Backbone("EfficientNetB2", "builtin"),
+    "efficientnet_b3": Backbone("EfficientNetB3", "builtin"),
+    "efficientnet_v2_b0": Backbone("EfficientNetV2B0", "builtin", (("include_preprocessing", True),)),
+    "efficientnet_v2_s": Backbone("EfficientNetV2S", "builtin", (("include_preprocessing", True),)),
+    "resnet50": Backbone("ResNet50", "caffe"),
+    "resnet50_v2": Backbone("ResNet50V2", "tf"),
+    "convnext_tiny": Backbone("ConvNeXtTiny", "builtin", (("include_preprocessing", True),)),
+    "densenet121": Backbone("DenseNet121", "torch"),
+    "xception": Backbone("Xception", "tf"),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def canonical_model_name(name: str) -> str:
+    """``MobileNetV3Small``, ``mobilenet-v3-small`` and ``mobilenet_v3_small`` are one model."""
+    squashed = name.lower().replace("_", "").replace("-", "")
+    for known in [DEFAULT_MODEL, *BACKBONES]:
+        if known.replace("_", "").replace("-", "") == squashed:
+            return known
+    for known, backbone in BACKBONES.items():
+        if backbone.constructor.lower() == squashed:
+            return known
+    raise ModelError(
+        f"Unknown model {name!r}",
+        f"choose one of: {', '.join([DEFAULT_MODEL, *BACKBONES])}",
+    )
+
+
+def augmentation(config: AugmentConfig, seed: int) -> list[layers.Layer]:
+    """Random transforms, active only in training (``model.fit``), identity at inference."""
+    stack: list[layers.Layer] = []
+    mode = {(True, False): "horizontal", (False, True): "vertical", (True, True): "horizontal_and_vertical"}
+    flip = mode.get((config.horizontal_flip, config.vertical_flip))
+    if flip:
+        stack.append(layers.RandomFlip(flip, seed=seed))
+    if config.rotation > 0:
+        stack.append(layers.RandomRotation(config.rotation, fill_mode="reflect", seed=seed + 1))
+    if config.zoom > 0:
+        stack.append(layers.RandomZoom(config.zoom, fill_mode="reflect", seed=seed + 2))
+    if config.translation > 0:
+        stack.append(layers.RandomTranslation(config.translation, config.translation, fill_mode="reflect", seed=seed + 3))
+    if config.contrast > 0:
+        stack.append(layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 4))
+    return stack
+
+
+def small_cnn_features(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
+    """A compact residual CNN (depthwise-separable, BatchNorm) that trains fast on a CPU."""
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
+    x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.Activation("relu")(x)
+    for index, filters in enumerate((width * 2, width * 4, width * 8)):
+        shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
+        shortcut = layers.BatchNormalization(momentum=0.9)(shortcut)
+        for _ in range(2):
+            x = layers.Activation("relu")(x) if _ else x
+            x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        x = layers.add([x, shortcut], name=f"block{index + 1}_add")
+        x = layers.Activation("relu")(x)
+    x = layers.SeparableConv2D(width * 8, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.Activation("relu")(x)
+    return layers.GlobalAveragePooling2D()(x)
+
+
+def backbone_preprocessing(x: keras.KerasTensor, kind: str) -> keras.KerasTensor:
+    if kind == "builtin":
+        return x
+    if kind == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
+    if kind == "torch":
+        x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+        return layers.Normalization(
+            mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_normalize"
+        )(x)
+    # caffe: BGR, mean subtracted, no scaling
+    x = layers.Normalization(mean=(123.68, 116.779, 103.939), variance=(1.0, 1.0, 1.0), name="imagenet_mean")(x)
+    return ReverseChannels(name="rgb_to_bgr")(x)
+
+
+def resolve_weights(weights: str) -> str | None:
+    if weights.lower() in ("none", "random", ""):
+        return None
+    if weights.lower() == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"Backbone weights file not found: {weights}",
+            "use model.weights=imagenet, none, or the path of a .weights.h5 / .h5 file",
+        )
+    return str(path)
+
+
+def build_backbone(name: str, config: Config) -> tuple[keras.Model, bool]:
+    """The keras.applications backbone (no top, average pooled) and whether it is frozen."""
+    spec = BACKBONES[name]
+    weights = resolve_weights(config.model.weights)
+    constructor = getattr(keras.applications, spec.constructor)
+    height, width = config.image_size
+    try:
+        backbone = constructor(
+            include_top=False,
+            weights=weights,
+            input_shape=(height, width, 3),
+            pooling="avg",
+            **dict(spec.extra_kwargs),
+        )
+    except Exception as error:  # download failures, shape mismatches, bad weight files
+        if weights == "imagenet":
+            raise ModelError(
+                f"Could not load ImageNet weights for {name}: {str(error).splitlines()[0][:200]}",
+                "check your network connection, or use --set model.weights=none or a local weights file",
+            ) from None
+        raise ModelError(f"Could not build {name} with weights {config.model.weights!r}: {error}") from None
+    freeze = config.model.freeze_backbone
+    frozen = (weights is not None) if freeze == "auto" else freeze == "true"
+    backbone.trainable = not frozen
+    if frozen and config.model.fine_tune_layers > 0:
+        backbone.trainable = True
+        trainable_tail = backbone.layers[-config.model.fine_tune_layers :]
+        for layer in backbone.layers:
+            # BatchNorm statistics stay frozen: a small dataset would wreck them.
+            layer.trainable = layer in trainable_tail and not isinstance(layer, layers.BatchNormalization)
+    return backbone, frozen
+
+
+def build_model(config: Config, num_classes: int) -> keras.Model:
+    """A classifier taking RGB floats in 0..255 and returning ``num_classes`` probabilities."""
+    name = canonical_model_name(config.model.name)
+    height, width = config.image_size
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    x = layers.Resizing(height, width, name="resize")(inputs)
+    for layer in augmentation(config.augment, config.seed):
+        x = layer(x)
+    if name == DEFAULT_MODEL:
+        x = small_cnn_features(x, config.model.width)
+    else:
+        backbone, frozen = build_backbone(name, config)
+        x = backbone_preprocessing(x, BACKBONES[name].preprocessing)
+        # A frozen backbone runs in inference mode so its BatchNorm statistics are kept.
+        x = backbone(x, training=False) if frozen and config.model.fine_tune_layers == 0 else backbone(x)
+    if config.model.dropout > 0:
+        x = layers.Dropout(config.model.dropout, seed=config.seed)(x)
+    x = layers.Dense(num_classes, name="logits")(x)
+    # float32 output even under mixed precision, for a numerically stable softmax and loss.
+    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name.replace("-", "_"))
+
+
+def load_model(path: str | Path, compile: bool = False) -> keras.Model:
+    """Load a ``.keras`` model in safe mode (no pickled or lambda code is ever executed)."""
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as error:
+        raise ModelError(f"Could not load model {path}: {str(error).splitlines()[0][:300]}") from None
