@@ -22,8 +22,8 @@ DEFAULT_MODEL = "imgclf-cnn"
 
 @dataclass
 class DataConfig:
-    image_size: int | list[int] = 128
-    """Input size: one number for square images or [height, width]; images are resized to it."""
+    image_size: Union[Literal["auto"], int, list[int]] = "auto"
+    """Input size: auto, one number (square) or [height, width]. auto: 224 for pretrained backbones; for imgclf-cnn the images' median short side, rounded up to a multiple of 16, between 32 and 128."""
     batch_size: int = 32
     validation_split: float = 0.2
     """Fraction of each class held out for validation when the dataset has no val/ folder."""
@@ -92,10 +92,23 @@ class Config:
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """The resolved (height, width); ``auto`` must have been resolved (``resolve_image_size``)."""
         size = self.data.image_size
+        if size == "auto":
+            raise ValueError("data.image_size is still 'auto'; call resolve_image_size first")
         if isinstance(size, int):
             return (size, size)
         return (int(size[0]), int(size[1]))
+
+    def resolve_image_size(self, median_short_side: int) -> None:
+        """Replace ``auto`` by a concrete size chosen from the dataset and the model."""
+        if self.data.image_size != "auto":
+            return
+        if self.model.name.lower().replace("-", "").replace("_", "") != DEFAULT_MODEL.replace("-", ""):
+            self.data.image_size = 224
+            return
+        rounded = -(-max(median_short_side, 1) // 16) * 16
+        self.data.image_size = min(128, max(32, rounded))
 
 
 def all_keys(config_type: type = Config, prefix: str = "") -> list[str]:
@@ -199,8 +212,12 @@ def apply_values(target: Any, values: dict[str, Any], prefix: str = "") -> None:
 
 def validate(config: Config) -> None:
     """Range checks that types alone cannot express."""
+    size = config.data.image_size
+    if isinstance(size, list) and len(size) != 2:
+        raise ConfigError(f"Config key 'data.image_size' expects auto, one number or [height, width], got {size!r}")
+    sides = [] if size == "auto" else ([size] if isinstance(size, int) else size)
     checks = [
-        (all(8 <= side <= 4096 for side in config.image_size), "data.image_size", "sizes between 8 and 4096"),
+        (all(8 <= side <= 4096 for side in sides), "data.image_size", "sizes between 8 and 4096"),
         (config.data.batch_size >= 1, "data.batch_size", "a positive integer"),
         (0.0 < config.data.validation_split < 1.0, "data.validation_split", "a fraction between 0 and 1"),
         (config.train.epochs >= 1, "train.epochs", "a positive integer"),
@@ -210,9 +227,6 @@ def validate(config: Config) -> None:
         (config.train.early_stopping_patience >= 0, "train.early_stopping_patience", "0 or more"),
         (config.train.warmup_epochs >= 0, "train.warmup_epochs", "0 or more"),
     ]
-    size = config.data.image_size
-    if isinstance(size, list) and len(size) != 2:
-        raise ConfigError(f"Config key 'data.image_size' expects one number or [height, width], got {size!r}")
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"Config key '{key}' expects {expected}, got {lookup(config, key)!r}")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from imgclf_cli.errors import DatasetError
-from imgclf_cli.images import UnreadableImage, read_header
+from imgclf_cli.images import ImageHeader, UnreadableImage, read_header
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -55,6 +55,8 @@ class DatasetScan:
     classes: list[str]
     splits: dict[str, list[Sample]]
     skipped: list[SkippedFile] = field(default_factory=list)
+    median_short_side: int = 0
+    """Median of min(width, height) over readable images (from headers)."""
 
     @property
     def num_images(self) -> int:
@@ -108,17 +110,16 @@ def candidate_files(class_dir: Path) -> list[Path]:
 
 def probe_files(
     paths: Sequence[Path], on_progress: Callable[[int], None] | None = None
-) -> list[str | None]:
-    """For each path, ``None`` if its header reads as a supported image, else the reason."""
+) -> list[ImageHeader | str]:
+    """For each path, its ``ImageHeader`` if it reads as a supported image, else the reason."""
 
-    def probe(path: Path) -> str | None:
+    def probe(path: Path) -> ImageHeader | str:
         try:
-            read_header(path)
+            return read_header(path)
         except UnreadableImage as error:
             return error.reason
-        return None
 
-    results: list[str | None] = []
+    results: list[ImageHeader | str] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for result in pool.map(probe, paths, chunksize=64):
             results.append(result)
@@ -167,14 +168,16 @@ def scan_dataset(
             for path in candidate_files(class_dir):
                 pending.append((split, path, label_of[class_dir.name]))
 
-    reasons = probe_files([path for _, path, _ in pending], on_progress)
+    probes = probe_files([path for _, path, _ in pending], on_progress)
     splits: dict[str, list[Sample]] = {split: [] for split in split_roots}
     skipped: list[SkippedFile] = []
-    for (split, path, label), reason in zip(pending, reasons):
-        if reason is None:
+    short_sides: list[int] = []
+    for (split, path, label), probe in zip(pending, probes):
+        if isinstance(probe, ImageHeader):
             splits[split].append(Sample(str(path), label))
+            short_sides.append(min(probe.width, probe.height))
         else:
-            skipped.append(SkippedFile(str(path), reason))
+            skipped.append(SkippedFile(str(path), probe))
 
     readable_per_class = count_per_class(
         (sample for samples in splits.values() for sample in samples), len(class_names)
@@ -192,7 +195,8 @@ def scan_dataset(
         )
     if layout == "splits" and not splits.get("train"):
         raise DatasetError(f"The train split of {root} holds no readable images", "add images to train/<class>/")
-    return DatasetScan(str(root), layout, class_names, splits, skipped)
+    median_short_side = sorted(short_sides)[len(short_sides) // 2]
+    return DatasetScan(str(root), layout, class_names, splits, skipped, median_short_side)
 
 
 def count_per_class(samples: Iterable[Sample], num_classes: int) -> list[int]:

@@ -317,6 +317,7 @@ def prepare_new_run(
     with err.status("Scanning images...") if not quiet and err.is_terminal else _nullcontext():
         scan = scan_dataset(data_dir)
     manifest = make_manifest(scan, config.data.validation_split, config.seed)
+    config.resolve_image_size(scan.median_short_side)
     run_dir = store.create_run_dir(store.runs_root(runs_dir), canonical_model_name(config.model.name), name)
     store.atomic_write_text(run_dir / store.CONFIG_FILE, config.to_yaml())
     store.atomic_write_json(run_dir / store.LABELS_FILE, manifest.classes)

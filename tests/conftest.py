@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("COLUMNS", "200")
 os.environ["IMGCLF_PROGRESS"] = "0"
 

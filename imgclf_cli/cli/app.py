@@ -21,6 +21,9 @@ from imgclf_cli.errors import ImgclfError
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is noise for CLI users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 app = typer.Typer(
     name="imgclf",
     help="Train, evaluate, export and run image classifiers from a folder of images (one sub-folder per class).",

@@ -94,10 +94,21 @@ def train_command(
         return
     print_skipped_files(result.skipped_files)
     summary = make_table(
-        ["best epoch", "val accuracy", "val loss", "epochs run", "time (s)", "run"],
-        [[result.best_epoch, result.val_accuracy, result.val_loss, result.epochs_run, round(result.train_seconds, 1), str(result.run_dir)]],
-        title="Training finished",
-        numeric=["best epoch", "val accuracy", "val loss", "epochs run", "time (s)"],
+        ["best epoch", "val accuracy", "val loss", "epochs run", "train images", "val images", "time"],
+        [
+            [
+                f"{result.best_epoch}/{result.epochs_run}",
+                result.val_accuracy,
+                result.val_loss,
+                result.epochs_run,
+                result.num_train,
+                result.num_val,
+                f"{result.train_seconds:.1f}s",
+            ]
+        ],
+        title="Training finished" + (" (stopped early)" if result.stopped_early else ""),
+        numeric=["best epoch", "val accuracy", "val loss", "epochs run", "train images", "val images", "time"],
     )
     out.print(summary)
+    out.print(f"Run: {result.run_dir}", highlight=False, markup=False)
     err.print(f"Next: imgclf evaluate --run {result.run_id}", highlight=False)
