@@ -1,10 +1,157 @@
-"""Placeholder until the command lands."""
+"""``imgclf predict``: parse options, call ``imgclf_cli.prediction.predict``, render the results.
+
+Light on purpose: neither this module nor ``imgclf_cli.prediction`` imports TensorFlow, so a
+``.tflite`` or ``.onnx`` model predicts without it.
+"""
 
 from __future__ import annotations
 
-from imgclf_cli.errors import ImgclfError
+import io
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from imgclf_cli.cli.evaluate import progress_callbacks
+from imgclf_cli.cli.options import RunsDirOption
+from imgclf_cli.console import err, make_table, out, warn
+from imgclf_cli.errors import DatasetError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from imgclf_cli.prediction import PredictionReport
 
 
-def predict_command() -> None:
-    """Not available yet."""
-    raise ImgclfError("imgclf predict is not available yet")
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def predict_command(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (searched recursively) and glob patterns such as 'photos/**/*.jpg'.",
+            metavar="PATH...",
+            show_default=False,
+        ),
+    ],
+    run: Annotated[
+        Optional[str],
+        typer.Option(
+            "--run",
+            help="Run id, run folder, or 'latest' (the newest completed run); the default without --model.",
+            metavar="RUN",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model",
+            help="A run folder, a .keras file, a SavedModel folder, a .tflite or an .onnx file "
+            "(labels are read from beside it).",
+            exists=True,
+            show_default=False,
+        ),
+    ] = None,
+    runs_dir: RunsDirOption = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="How many classes to list per image (at most the number of classes).", min=1)
+    ] = 3,
+    output_format: Annotated[
+        Optional[OutputFormat],
+        typer.Option(
+            "--format",
+            help="table, json (one array) or csv. Default: from the --output extension (.json, .csv), else table.",
+            case_sensitive=False,
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the results to this file instead of stdout.", dir_okay=False, show_default=False),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 32,
+) -> None:
+    """Predict the class of images with a trained model.
+
+    Unreadable files get an entry with an "error" field and a warning on stderr; the exit
+    code is 0 when at least one image was predicted, 1 when none could be.
+
+    Example:
+
+        imgclf predict photos/ extra/*.jpg --top-k 2 --format json --output predictions.json
+    """
+    from imgclf_cli.errors import UsageError
+    from imgclf_cli.prediction import predict
+
+    if run is not None and model is not None:
+        raise UsageError("--run and --model were both given", "pass either --model FILE or --run RUN, not both")
+    chosen = resolve_format(output_format, output)
+    with progress_callbacks("Predicting") as (on_start, on_progress):
+        report = predict(
+            paths,
+            model=model,
+            run=run,
+            runs_dir=runs_dir,
+            top_k=top_k,
+            batch_size=batch_size,
+            on_unreadable=lambda path, reason: warn(f"{escape(path)}: {escape(reason)}"),
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    if output is not None:
+        from imgclf_cli.store import atomic_write_text
+
+        atomic_write_text(output, render(report, chosen))
+        err.print(f"Wrote {len(report.results)} results ({chosen.value}) to {escape(str(output))}", highlight=False)
+    elif chosen is OutputFormat.table:
+        out.print(results_table(report))
+    else:
+        typer.echo(render(report, chosen), nl=False)
+    err.print(
+        f"Predicted {report.num_predicted} of {len(report.results)} images with {escape(report.model)} "
+        f"(model loaded in {report.load_seconds:.1f} s, images predicted in {report.predict_seconds:.1f} s)",
+        highlight=False,
+    )
+    if report.num_predicted == 0:
+        raise DatasetError(
+            f"None of the {len(report.results)} files could be read as an image",
+            "supported formats are JPEG, PNG, BMP, GIF, WebP and TIFF",
+        )
+
+
+def resolve_format(chosen: OutputFormat | None, output: Path | None) -> OutputFormat:
+    if chosen is not None:
+        return chosen
+    suffix = output.suffix.lower() if output else ""
+    return {".json": OutputFormat.json, ".csv": OutputFormat.csv}.get(suffix, OutputFormat.table)
+
+
+def render(report: PredictionReport, chosen: OutputFormat) -> str:
+    if chosen is OutputFormat.json:
+        import json
+
+        return json.dumps(report.to_list(), indent=2) + "\n"
+    if chosen is OutputFormat.csv:
+        return report.to_csv()
+    buffer = io.StringIO()
+    Console(file=buffer, width=1000, color_system=None, soft_wrap=False).print(results_table(report))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
+def results_table(report: PredictionReport) -> Table:
+    rows = []
+    for result in report.results:
+        if result.error is not None:
+            rows.append([escape(result.path), None, None, f"[red]error: {escape(result.error)}[/red]"])
+            continue
+        ranked = ", ".join(f"{escape(entry.label)}={entry.probability:.3f}" for entry in result.top_k)
+        rows.append([escape(result.path), escape(result.label or ""), result.confidence, ranked])
+    return make_table(["path", "label", "confidence", f"top {report.top_k}"], rows, numeric=["confidence"])
