@@ -135,7 +135,11 @@ class DuplicateGroups:
     cross_split: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, list[list[str]]]:
-        return {"within_class": self.within_class, "cross_class": self.cross_class, "cross_split": self.cross_split}
+        return {
+            "within_class": self.within_class,
+            "cross_class": self.cross_class,
+            "cross_split": self.cross_split,
+        }
 
     @property
     def num_groups(self) -> int:
@@ -266,7 +270,9 @@ def inspect_dataset(
     started = time.perf_counter()
     root = resolve_root(data_dir)
     layout, pending, empty_folders, hidden, ignored = list_dataset_files(root)
-    class_names = sorted({file.class_name for file in pending} | {name.split("/")[-1] for name in empty_folders})
+    class_names = sorted(
+        {file.class_name for file in pending} | {name.split("/")[-1] for name in empty_folders}
+    )
 
     workers = max_workers or min(16, 4 * (os.cpu_count() or 1))
     examinations: list[FileExamination] = []
@@ -283,7 +289,7 @@ def inspect_dataset(
     corrupt: list[dict[str, str]] = []
     non_image_files: list[dict[str, str]] = []
     extension_mismatch: list[dict[str, str]] = []
-    for file, examination in zip(pending, examinations):
+    for file, examination in zip(pending, examinations, strict=True):
         extension = file.path.suffix.lower()
         if examination.problem is not None:
             entry = {"path": file.relative_path, "reason": examination.problem}
@@ -306,7 +312,11 @@ def inspect_dataset(
             extension_mismatch.append({"path": image.path, "extension": extension, "format": image.format})
         images.append(image)
 
-    split_names = sorted({file.split for file in pending if file.split}, key=split_sort_key) if layout == "splits" else []
+    split_names = (
+        sorted({file.split for file in pending if file.split}, key=split_sort_key)
+        if layout == "splits"
+        else []
+    )
     classes = {name: 0 for name in class_names}
     for image in images:
         classes[image.class_name] += 1
@@ -316,7 +326,9 @@ def inspect_dataset(
         for image in images:
             splits[image.split or ""][image.class_name] += 1
     present = [count for count in classes.values() if count > 0]
-    imbalance_ratio = round(max(present) / min(present), 2) if present and len(present) == len(classes) else None
+    imbalance_ratio = (
+        round(max(present) / min(present), 2) if present and len(present) == len(classes) else None
+    )
 
     small_images = [
         {"path": image.path, "width": image.width, "height": image.height}
@@ -388,7 +400,9 @@ def list_dataset_files(root: Path) -> tuple[str, list[PendingFile], list[str], l
     """
     split_dirs = detect_split_dirs(root)
     layout = "splits" if split_dirs else "folders"
-    split_roots: dict[str | None, Path] = dict(split_dirs) if split_dirs else {None: root}
+    split_roots: dict[str | None, Path] = {None: root}
+    if split_dirs:
+        split_roots = {split: folder for split, folder in split_dirs.items()}
 
     def relative(path: Path) -> str:
         return path.relative_to(root).as_posix()
@@ -407,7 +421,9 @@ def list_dataset_files(root: Path) -> tuple[str, list[PendingFile], list[str], l
                 empty_folders.append(relative(class_dir))
             pending.extend(PendingFile(path, relative(path), class_dir.name, split) for path in files)
             kept = set(files)
-            hidden.extend(relative(path) for path in sorted(class_dir.rglob("*")) if path.is_file() and path not in kept)
+            hidden.extend(
+                relative(path) for path in sorted(class_dir.rglob("*")) if path.is_file() and path not in kept
+            )
         for child in sorted(folder.iterdir()):
             if child.is_dir() and not is_hidden_or_system(child):
                 continue
@@ -480,7 +496,7 @@ def decode_problem(error: BaseException) -> str:
 
 def mark_truncated(reason: str) -> str:
     """Pillow words truncation several ways; say it first, the same way every time."""
-    return f"truncated: {reason}" if "truncat" in reason.lower() else reason
+    return f"truncated file: {reason}" if "truncat" in reason.lower() else reason
 
 
 def looks_like_text(data: bytes) -> bool:
@@ -560,15 +576,24 @@ def band_layout(max_distance: int) -> list[tuple[int, int]]:
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int, block_rows: int = 1024) -> np.ndarray:
-    """Index pairs ``(i, j)``, ``i < j``, of ``uint64`` hashes at most ``max_distance`` bits apart."""
+    """Index pairs ``(i, j)``, ``i < j``, of ``uint64`` hashes at most ``max_distance`` bits apart.
+
+    Sorted by ``(i, j)``. Within each band, only hashes with the same band value are compared.
+    """
+    num_hashes = len(hashes)
+    band_keys = np.stack(
+        [
+            (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+            for shift, width in band_layout(max_distance)
+        ]
+    )
     found: list[np.ndarray] = []
-    for shift, width in band_layout(max_distance):
-        keys = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+    for band, keys in enumerate(band_keys):
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts.tolist(), ends.tolist()):
+        ends = np.r_[starts[1:], num_hashes]
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             if end - start < 2:
                 continue
             members = np.sort(order[start:end])
@@ -577,12 +602,18 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int, block_rows: int 
                 rows = member_hashes[row_start : row_start + block_rows]
                 close = hamming_distances(rows[:, None], member_hashes[None, :]) <= max_distance
                 row_index, column_index = np.nonzero(close)
-                row_index = row_index + row_start
-                keep = column_index > row_index
-                found.append(np.stack([members[row_index[keep]], members[column_index[keep]]], axis=1))
+                row_index += row_start
+                upper = column_index > row_index
+                first, second = members[row_index[upper]], members[column_index[upper]]
+                # A pair that also agrees on an earlier band was already found there.
+                if band:
+                    new = np.all(band_keys[:band, first] != band_keys[:band, second], axis=0)
+                    first, second = first[new], second[new]
+                found.append(first.astype(np.int64) * num_hashes + second)
     if not found:
         return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+    encoded = np.sort(np.concatenate(found))
+    return np.stack([encoded // num_hashes, encoded % num_hashes], axis=1)
 
 
 def connected_groups(num_items: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
@@ -646,7 +677,9 @@ def group_near_duplicates(images: Sequence[ImageRecord], max_distance: int) -> D
     hashes = np.array([copies[content][0].perceptual_hash for content in contents], dtype=np.uint64)
     pairs = near_duplicate_pairs(hashes, max_distance)
     groups = connected_groups(len(contents), ((int(first), int(second)) for first, second in pairs))
-    return classify_groups([image for index in group for image in copies[contents[index]]] for group in groups)
+    return classify_groups(
+        [image for index in group for image in copies[contents[index]]] for group in groups
+    )
 
 
 def size_statistics(images: Sequence[ImageRecord]) -> dict[str, dict[str, float]]:
@@ -704,29 +737,38 @@ def make_findings(report: InspectionReport) -> list[Finding]:
     findings: list[Finding] = []
 
     def add(severity: str, code: str, message: str, action: str, count: int, examples: Sequence[str]) -> None:
-        findings.append(Finding(severity, code, message, action, count, list(examples[:EXAMPLES_PER_FINDING])))
+        findings.append(
+            Finding(severity, code, message, action, count, list(examples[:EXAMPLES_PER_FINDING]))
+        )
 
     split_words = "train and val/test" if report.layout == "splits" else "train and validation"
     if report.corrupt:
         add(
-            "error", "corrupt",
-            f"{len(report.corrupt)} file(s) with an image extension cannot be decoded (truncated, empty or not images)",
-            "Re-download or delete them: imgclf train skips files it cannot decode, so they are silently missing.",
+            "error",
+            "corrupt",
+            f"{len(report.corrupt)} file(s) with an image extension cannot be decoded "
+            "(truncated, empty or not images)",
+            "Re-download or delete them: imgclf train skips files it cannot decode, "
+            "so they are silently missing.",
             len(report.corrupt),
             [f"{entry['path']}: {entry['reason']}" for entry in report.corrupt],
         )
     empty_classes = [name for name, count in report.classes.items() if count == 0]
     if empty_classes:
         add(
-            "error", "empty_class",
+            "error",
+            "empty_class",
             f"{len(empty_classes)} class(es) have no readable image: {', '.join(empty_classes)}",
-            "Add images to these class folders or remove the folders: imgclf train refuses a class without images.",
+            "Add images to these class folders or remove the folders: "
+            "imgclf train refuses a class without images.",
             len(empty_classes),
-            empty_classes,
+            [folder for folder in report.empty_class_folders if folder.split("/")[-1] in empty_classes]
+            or empty_classes,
         )
     if len(report.classes) == 1:
         add(
-            "error", "single_class",
+            "error",
+            "single_class",
             f"Only one class folder was found: {next(iter(report.classes))}",
             "A classifier needs at least two classes: add a folder of images per class.",
             1,
@@ -735,8 +777,10 @@ def make_findings(report: InspectionReport) -> list[Finding]:
     if report.duplicates.cross_class:
         groups = report.duplicates.cross_class
         add(
-            "error", "duplicates_cross_class",
-            f"{len(groups)} image(s) are filed under two or more classes (byte-identical files, label conflict)",
+            "error",
+            "duplicates_cross_class",
+            f"{len(groups)} image(s) are filed under two or more classes "
+            "(byte-identical files, label conflict)",
             "Keep each image only in the class it belongs to and delete the other copies.",
             len(groups),
             flatten(groups),
@@ -744,7 +788,8 @@ def make_findings(report: InspectionReport) -> list[Finding]:
     if report.duplicates.cross_split:
         groups = report.duplicates.cross_split
         add(
-            "error", "duplicates_cross_split",
+            "error",
+            "duplicates_cross_split",
             f"{len(groups)} image(s) appear in more than one split (byte-identical files: leakage)",
             "Delete the copies from val/ or test/: otherwise validation and test accuracy are inflated.",
             len(groups),
@@ -753,7 +798,8 @@ def make_findings(report: InspectionReport) -> list[Finding]:
     near = report.near_duplicates
     if near is not None and near.cross_class:
         add(
-            "warning", "near_duplicates_cross_class",
+            "warning",
+            "near_duplicates_cross_class",
             f"{len(near.cross_class)} group(s) of near-identical images are filed under different classes",
             "Look at them (--report DIR draws them side by side); keep each in one class only.",
             len(near.cross_class),
@@ -761,8 +807,10 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         )
     if near is not None and near.cross_split:
         add(
-            "warning", "near_duplicates_cross_split",
-            f"{len(near.cross_split)} group(s) of near-identical images span more than one split (likely leakage)",
+            "warning",
+            "near_duplicates_cross_split",
+            f"{len(near.cross_split)} group(s) of near-identical images span more than one split "
+            "(likely leakage)",
             "Look at them (--report DIR draws them side by side); move each group into a single split.",
             len(near.cross_split),
             flatten(near.cross_split, " ~ "),
@@ -771,7 +819,8 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         groups = report.duplicates.within_class
         extra = sum(len(group) - 1 for group in groups)
         add(
-            "warning", "duplicates_within_class",
+            "warning",
+            "duplicates_within_class",
             f"{len(groups)} image(s) are stored more than once in the same class ({extra} redundant file(s))",
             f"Delete the extra copies: they weigh the image twice and can land in both {split_words}, "
             "inflating validation accuracy.",
@@ -782,54 +831,68 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         largest = max(report.classes, key=lambda name: report.classes[name])
         smallest = min(report.classes, key=lambda name: report.classes[name])
         add(
-            "warning", "imbalance",
+            "warning",
+            "imbalance",
             f"Classes are imbalanced: {largest} has {report.imbalance_ratio:g}x the images of {smallest}",
-            "Collect more images of the small classes; imgclf train already weights classes by inverse frequency "
-            "(train.class_weights=auto). Judge the model by per-class recall, not accuracy.",
+            "Collect more images of the small classes; imgclf train already weights classes by "
+            "inverse frequency (train.class_weights=auto). Judge the model by per-class recall, "
+            "not accuracy.",
             len(report.classes),
             [f"{name}: {count}" for name, count in sorted(report.classes.items(), key=lambda item: item[1])],
         )
     if report.splits:
         missing = [
-            f"{split}/{name}" for split, counts in report.splits.items() for name, count in counts.items() if count == 0
+            f"{split}/{name}"
+            for split, counts in report.splits.items()
+            for name, count in counts.items()
+            if count == 0 and name not in empty_classes
         ]
         if missing:
             add(
-                "warning", "class_missing_from_split",
+                "warning",
+                "class_missing_from_split",
                 f"{len(missing)} split/class combination(s) hold no image",
-                "Give every split images of every class, or validation and test scores leave those classes out.",
+                "Give every split images of every class, or validation and test scores leave "
+                "those classes out.",
                 len(missing),
                 missing,
             )
     if report.extension_mismatch:
         add(
-            "warning", "extension_mismatch",
+            "warning",
+            "extension_mismatch",
             f"{len(report.extension_mismatch)} file(s) have an extension that does not match their content",
-            "Rename them to match their format: imgclf reads the content, but other tools trust the extension.",
+            "Rename them to match their format: imgclf reads the content, but other tools "
+            "trust the extension.",
             len(report.extension_mismatch),
             [f"{entry['path']}: {entry['format']}" for entry in report.extension_mismatch],
         )
     if report.non_image_files:
         add(
-            "warning", "non_image_files",
+            "warning",
+            "non_image_files",
             f"{len(report.non_image_files)} file(s) in class folders are not images imgclf can read",
-            "Move them out of the class folders (imgclf train skips them); convert images in other formats to "
-            "JPEG or PNG.",
+            "Move them out of the class folders (imgclf train skips them); convert images in "
+            "other formats to JPEG or PNG.",
             len(report.non_image_files),
             [f"{entry['path']}: {entry['reason']}" for entry in report.non_image_files],
         )
     if report.small_images:
         add(
-            "warning", "small_images",
+            "warning",
+            "small_images",
             f"{len(report.small_images)} image(s) are very small (shorter side under {report.small_side} px)",
             "Check that they are not thumbnails or icons saved by mistake; they are upscaled for training.",
             len(report.small_images),
             [f"{entry['path']}: {entry['width']}x{entry['height']}" for entry in report.small_images],
         )
-    empty_folders = [folder for folder in report.empty_class_folders if folder.split("/")[-1] not in empty_classes]
+    empty_folders = [
+        folder for folder in report.empty_class_folders if folder.split("/")[-1] not in empty_classes
+    ]
     if empty_folders:
         add(
-            "warning", "empty_class_folders",
+            "warning",
+            "empty_class_folders",
             f"{len(empty_folders)} class folder(s) are empty",
             "Add images or remove the empty folders.",
             len(empty_folders),
@@ -837,9 +900,10 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         )
     if near is not None and near.within_class:
         add(
-            "info", "near_duplicates_within_class",
-            f"{len(near.within_class)} group(s) of near-identical images within a class (re-encoded, resized or "
-            "burst shots)",
+            "info",
+            "near_duplicates_within_class",
+            f"{len(near.within_class)} group(s) of near-identical images within a class "
+            "(re-encoded, resized or burst shots)",
             f"Usually harmless; keep one per group if they could land in both {split_words}.",
             len(near.within_class),
             flatten(near.within_class, " ~ "),
@@ -849,7 +913,8 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         and IMBALANCE_NOTE_RATIO <= report.imbalance_ratio < IMBALANCE_WARNING_RATIO
     ):
         add(
-            "info", "imbalance",
+            "info",
+            "imbalance",
             f"Classes are mildly imbalanced (largest/smallest = {report.imbalance_ratio:g})",
             "Nothing to do: imgclf train weights classes by inverse frequency (train.class_weights=auto).",
             len(report.classes),
@@ -859,17 +924,19 @@ def make_findings(report: InspectionReport) -> list[Finding]:
     if not_rgb:
         count = sum(not_rgb.values())
         add(
-            "info", "colour_modes",
+            "info",
+            "colour_modes",
             f"{count} image(s) are not 8-bit RGB: "
             + ", ".join(f"{mode} {number}" for mode, number in not_rgb.items()),
-            "Nothing to do: imgclf converts every image to RGB (alpha is dropped, 16-bit is rescaled). "
-            "Check that transparent images look right on black.",
+            "Nothing to do: imgclf converts every image to RGB (16-bit is rescaled). Transparency "
+            "is dropped, so check that transparent images still show their subject without it.",
             count,
             [image.path for image in report.images if image.mode != "RGB"],
         )
     if report.hidden_files:
         add(
-            "info", "hidden_files",
+            "info",
+            "hidden_files",
             f"{len(report.hidden_files)} hidden or system file(s) are ignored",
             "Nothing to do: imgclf skips hidden files (.DS_Store, Thumbs.db, ._* ...).",
             len(report.hidden_files),
@@ -877,7 +944,8 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         )
     if report.ignored_paths:
         add(
-            "info", "ignored_paths",
+            "info",
+            "ignored_paths",
             f"{len(report.ignored_paths)} file(s) or folder(s) lie outside any class folder and are ignored",
             "Move images into a class folder if they should be used.",
             len(report.ignored_paths),
@@ -885,4 +953,3 @@ def make_findings(report: InspectionReport) -> list[Finding]:
         )
     findings.sort(key=lambda finding: SEVERITY_ORDER[finding.severity])
     return findings
-

@@ -11,10 +11,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib  # noqa: TID253  (this module is only imported for --report)
 
 matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402, TID253
 from PIL import Image, ImageOps  # noqa: E402
 
 from imgclf_cli import store  # noqa: E402
@@ -45,7 +45,11 @@ def write_report(report: InspectionReport, output_dir: str | Path) -> list[Path]
 
     json_path = output_dir / REPORT_JSON
     text = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
-    store.atomic_write(json_path, lambda temporary: temporary.write_text(text, encoding="utf-8"), suffix=".json")
+
+    def write_json(temporary: Path) -> None:
+        temporary.write_text(text, encoding="utf-8")
+
+    store.atomic_write(json_path, write_json, suffix=".json")
     written.append(json_path)
 
     plot_class_distribution(report, output_dir / CLASS_DISTRIBUTION_PNG)
@@ -99,12 +103,14 @@ def plot_class_distribution(report: InspectionReport, path: Path) -> None:
         for split, counts in report.splits.items():
             heights = [counts[name] for name in names]
             axis.bar(positions, heights, bottom=bottoms, label=split)
-            bottoms = [bottom + height for bottom, height in zip(bottoms, heights)]
+            bottoms = [bottom + height for bottom, height in zip(bottoms, heights, strict=True)]
         axis.legend()
     else:
         axis.bar(positions, [report.classes[name] for name in names], color="tab:blue")
     axis.set_xticks(positions)
-    axis.set_xticklabels(names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    axis.set_xticklabels(
+        names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
+    )
     axis.set_ylabel("images")
     ratio = "-" if report.imbalance_ratio is None else f"{report.imbalance_ratio:g}"
     axis.set_title(f"Images per class (largest/smallest: {ratio})")
@@ -169,7 +175,11 @@ def plot_samples(report: InspectionReport, path: Path) -> None:
     names = [name for name in report.classes if by_class.get(name)][:MAX_CLASSES_IN_GRID]
     columns = min(SAMPLES_PER_CLASS, max(len(by_class[name]) for name in names))
     figure, axes = plt.subplots(
-        len(names), columns, layout="constrained", figsize=(1.6 * columns + 1, 1.6 * len(names)), squeeze=False
+        len(names),
+        columns,
+        layout="constrained",
+        figsize=(1.6 * columns + 1, 1.6 * len(names)),
+        squeeze=False,
     )
     for row, name in enumerate(names):
         samples = evenly_spaced(by_class[name], columns)
@@ -227,7 +237,9 @@ def plot_near_duplicates(
 ) -> None:
     """Near-duplicate pairs side by side, with their paths and hash distance."""
     root = Path(report.root)
-    figure, axes = plt.subplots(len(pairs), 2, layout="constrained", figsize=(6.5, 3.0 * len(pairs)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(pairs), 2, layout="constrained", figsize=(6.5, 3.0 * len(pairs)), squeeze=False
+    )
     for row, (first, second, distance) in enumerate(pairs):
         for column, image in enumerate((first, second)):
             axis = axes[row][column]
@@ -240,4 +252,3 @@ def plot_near_duplicates(
         axes[row][0].set_ylabel(f"{distance} bits apart", fontsize=8)
     figure.suptitle(f"Near duplicates (perceptual hash within {report.hash_distance} bits)")
     save_figure(figure, path)
-

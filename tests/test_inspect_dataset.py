@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_class_folders, make_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_class_folders, make_image
 from imgclf_cli.cli.app import app
 from imgclf_cli.inspection import (
     band_layout,
@@ -136,7 +136,9 @@ def test_undecodable_files_are_corrupt_with_a_reason(defect_report: dict) -> Non
 
 
 def test_format_comes_from_content(defect_report: dict) -> None:
-    assert defect_report["extension_mismatch"] == [{"path": "train/dog/png_named.jpg", "extension": ".jpg", "format": "PNG"}]
+    assert defect_report["extension_mismatch"] == [
+        {"path": "train/dog/png_named.jpg", "extension": ".jpg", "format": "PNG"}
+    ]
     assert defect_report["formats"]["JPEG"] == 2  # cmyk.jpg and scene_small.jpg
 
 
@@ -203,7 +205,9 @@ def test_cross_class_duplicate_in_folders_layout(tmp_path: Path) -> None:
     assert document["classes"] == {"blue": 3, "green": 4, "red": 3}
 
 
-def test_report_writes_json_and_plots_without_touching_the_data(defective_dataset: Path, tmp_path: Path) -> None:
+def test_report_writes_json_and_plots_without_touching_the_data(
+    defective_dataset: Path, tmp_path: Path
+) -> None:
     before = snapshot(defective_dataset)
     report_dir = tmp_path / "report"
     result = runner.invoke(app, ["inspect-dataset", str(defective_dataset), "--report", str(report_dir)])
@@ -225,7 +229,9 @@ def test_report_writes_json_and_plots_without_touching_the_data(defective_datase
 
 def test_report_inside_the_dataset_is_refused(defective_dataset: Path) -> None:
     before = snapshot(defective_dataset)
-    result = runner.invoke(app, ["inspect-dataset", str(defective_dataset), "--report", str(defective_dataset / "out")])
+    result = runner.invoke(
+        app, ["inspect-dataset", str(defective_dataset), "--report", str(defective_dataset / "out")]
+    )
     assert result.exit_code == 2
     assert "inside the dataset folder" in result.stderr
     assert snapshot(defective_dataset) == before
@@ -280,7 +286,9 @@ def test_no_tensorflow_and_matplotlib_only_for_report(defective_dataset: Path, t
         result = CliRunner().invoke(app, ["inspect-dataset", {str(defective_dataset)!r}, "--json"])
         assert result.exit_code == 0, result.output
         print("plain", sorted(name for name in (*heavy, "matplotlib") if name in sys.modules))
-        result = CliRunner().invoke(app, ["inspect-dataset", {str(defective_dataset)!r}, "--report", {str(tmp_path / "report")!r}])
+        report_dir = {str(tmp_path / "report")!r}
+        arguments = ["inspect-dataset", {str(defective_dataset)!r}, "--report", report_dir]
+        result = CliRunner().invoke(app, arguments)
         assert result.exit_code == 0, result.output
         print("report", sorted(name for name in heavy if name in sys.modules))
         """
@@ -306,14 +314,16 @@ def test_perceptual_hash_survives_resizing_and_reencoding() -> None:
 @pytest.mark.parametrize("max_distance", [0, 3, 6, 10])
 def test_banded_search_finds_the_same_pairs_as_all_pairs(max_distance: int) -> None:
     rng = np.random.default_rng(max_distance)
-    hashes = rng.integers(0, 2**63, size=300, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 300, dtype=np.uint64)
+    hashes = rng.integers(0, 2**63, size=300, dtype=np.uint64) * np.uint64(2) + rng.integers(
+        0, 2, 300, dtype=np.uint64
+    )
     # Plant close pairs: copies with a few bits flipped.
     for index in range(0, 60, 2):
         flips = rng.choice(64, size=int(rng.integers(0, max_distance + 3)), replace=False)
         hashes[index + 1] = hashes[index] ^ np.uint64(sum(1 << int(bit) for bit in flips))
     distances = hamming_distances(hashes[:, None], hashes[None, :])
     first, second = np.nonzero(np.triu(distances <= max_distance, 1))
-    expected = {(int(a), int(b)) for a, b in zip(first, second)}
+    expected = {(int(a), int(b)) for a, b in zip(first, second, strict=True)}
     found = {(int(a), int(b)) for a, b in near_duplicate_pairs(hashes, max_distance)}
     assert found == expected and expected
     assert sum(width for _, width in band_layout(max_distance)) == 64

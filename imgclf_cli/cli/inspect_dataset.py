@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -35,7 +35,7 @@ def inspect_dataset_command(
     ],
     json_output: JsonOption = False,
     report_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--report",
             help="Also write the JSON and PNG plots (class counts, image sizes, samples, near duplicates) "
@@ -148,11 +148,22 @@ def class_table(report: InspectionReport) -> Table:
     for name, count in report.classes.items():
         summary = report.per_class[name]
         median_size = (
-            f"{summary['median_width']:g}x{summary['median_height']:g}" if summary["median_width"] is not None else None
+            f"{summary['median_width']:g}x{summary['median_height']:g}"
+            if summary["median_width"] is not None
+            else None
         )
         per_split = [(report.splits or {})[split][name] for split in split_names]
         rows.append(
-            [name, *per_split, count, f"{count / total:.1%}", median_size, summary["not_rgb"], summary["small"], summary["corrupt"]]
+            [
+                name,
+                *per_split,
+                count,
+                f"{count / total:.1%}",
+                median_size,
+                summary["not_rgb"],
+                summary["small"],
+                summary["corrupt"],
+            ]
         )
     ratio = "-" if report.imbalance_ratio is None else f"{report.imbalance_ratio:g}"
     return make_table(
@@ -168,21 +179,31 @@ def content_table(report: InspectionReport) -> Table:
         ["formats", ", ".join(f"{name} {count}" for name, count in report.formats.items()) or "-"],
         ["colour modes", ", ".join(f"{name} {count}" for name, count in report.modes.items()) or "-"],
     ]
-    for key, label in (("width", "width (px)"), ("height", "height (px)"), ("aspect_ratio", "aspect ratio (w/h)")):
+    for key, label in (
+        ("width", "width (px)"),
+        ("height", "height (px)"),
+        ("aspect_ratio", "aspect ratio (w/h)"),
+    ):
         if key in report.sizes:
             stats = report.sizes[key]
             rows.append([label, f"min {stats['min']:g}   median {stats['median']:g}   max {stats['max']:g}"])
-    rows.append([f"very small (< {report.small_side} px)", len(report.small_images)])
-    rows.append(["extension mismatch", len(report.extension_mismatch)])
-    rows.append(["cannot be decoded", len(report.corrupt)])
-    rows.append(["not images", len(report.non_image_files)])
+    rows.append([f"very small images (< {report.small_side} px)", len(report.small_images)])
+    rows.append(["extension does not match content", len(report.extension_mismatch)])
+    rows.append(["files that cannot be decoded", len(report.corrupt)])
+    rows.append(["files that are not images", len(report.non_image_files)])
     rows.append(["hidden / system files", len(report.hidden_files)])
-    return make_table(["", ""], rows, title="Content (formats from the bytes, not the file names)")
+    table = make_table(["", ""], rows, title="Content (formats from the bytes, not the file names)")
+    table.show_header = False
+    return table
 
 
 def duplicate_table(report: InspectionReport) -> Table:
     near = report.near_duplicates
-    kinds = (("within one class", "within_class"), ("across classes", "cross_class"), ("across splits", "cross_split"))
+    kinds = (
+        ("within one class", "within_class"),
+        ("across classes", "cross_class"),
+        ("across splits", "cross_split"),
+    )
     rows = []
     for label, key in kinds:
         exact_groups = getattr(report.duplicates, key)
@@ -214,11 +235,16 @@ def render_findings(report: InspectionReport) -> None:
     out.print("[bold]Findings[/bold] (worst first)")
     for finding in report.findings:
         style = SEVERITY_STYLES[finding.severity]
-        out.print(f"[{style}]{finding.severity.upper():<7}[/{style}] {escape(finding.message)}", highlight=False)
+        out.print(
+            f"[{style}]{finding.severity.upper():<7}[/{style}] {escape(finding.message)}", highlight=False
+        )
         for example in finding.examples[:EXAMPLES_SHOWN]:
             out.print(f"          {escape(example)}", highlight=False)
         if finding.count > EXAMPLES_SHOWN and len(finding.examples) >= EXAMPLES_SHOWN:
-            out.print(f"          ... {finding.count - EXAMPLES_SHOWN} more (--json lists every file)", highlight=False)
+            out.print(
+                f"          ... {finding.count - EXAMPLES_SHOWN} more (--json lists every file)",
+                highlight=False,
+            )
         out.print(f"          [dim]What to do:[/dim] {escape(finding.action)}", highlight=False)
     errors, warnings = report.num_errors, report.num_warnings
     notes = len(report.findings) - errors - warnings
