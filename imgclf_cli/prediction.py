@@ -134,15 +134,15 @@ def looks_like_image(path: Path) -> bool:
 
 
 def images_in_folder(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, hidden files and folders left out, sorted."""
+    """Image files under ``folder``, recursively, hidden files and folders left out, sorted by path."""
     found: list[Path] = []
     for directory, subdirectories, files in os.walk(folder):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        for name in sorted(files):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        for name in files:
             path = Path(directory) / name
             if not is_hidden_or_system(path) and looks_like_image(path):
                 found.append(path)
-    return found
+    return sorted(found)
 
 
 def collect_paths(inputs: Sequence[str | Path]) -> list[str | PredictionResult]:

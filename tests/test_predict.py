@@ -1,0 +1,241 @@
+"""``imgclf predict``: paths, formats, options, unreadable files, and no TensorFlow in the light path."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CLASS_COLOURS, make_class_folders
+from imgclf_cli.cli.app import app
+from imgclf_cli.prediction import collect_paths
+
+runner = CliRunner()
+LABELS = sorted(CLASS_COLOURS)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two images per class, a nested folder, a hidden file, a text file and a truncated PNG."""
+    root = make_class_folders(tmp_path_factory.mktemp("predict") / "images", per_class=2, seed=3)
+    nested = root / "red" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "red_nested.png").write_bytes((root / "red" / "red_000.png").read_bytes())
+    (root / "green" / ".hidden.png").write_bytes((root / "green" / "green_000.png").read_bytes())
+    (root / "green" / "notes.txt").write_text("not an image")
+    good = (root / "blue" / "blue_000.png").read_bytes()
+    (root / "blue" / "blue_000b.png").write_bytes(good[: len(good) // 2])
+    # No extension: found by its content.
+    (root / "blue" / "blue_noext").write_bytes(good)
+    return root
+
+
+def invoke(*args: str) -> object:
+    return runner.invoke(app, ["predict", *args])
+
+
+def predict_json(*args: str) -> tuple[object, list[dict]]:
+    result = invoke(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return result, json.loads(result.stdout)
+
+
+def test_collect_paths_recursive_hidden_globs_and_duplicates(images: Path) -> None:
+    entries = collect_paths([images / "green", images / "red", str(images / "blue" / "*.png"), images / "red" / "red_000.png"])
+    paths = [Path(entry) for entry in entries if isinstance(entry, str)]
+    names = [path.name for path in paths]
+    assert names == [
+        "green_000.png", "green_001.png",
+        "red_nested.png", "red_000.png", "red_001.png",
+        "blue_000.png", "blue_000b.png", "blue_001.png",
+    ]  # fmt: skip
+    assert ".hidden.png" not in names and "notes.txt" not in names
+    assert len(set(paths)) == len(paths)
+    assert "blue_noext" in [path.name for path in map(Path, collect_paths([images / "blue"]))]  # type: ignore[arg-type]
+    missing = collect_paths([images / "absent.png", str(images / "*.nothing")])
+    assert [(entry.path, entry.error) for entry in missing] == [  # type: ignore[union-attr]
+        (str(images / "absent.png"), "file not found"),
+        (str(images / "*.nothing"), "no file matches this pattern"),
+    ]
+
+
+def test_json_results_match_the_model_one_image_at_a_time(trained_run: dict[str, Path], images: Path) -> None:
+    import keras
+
+    from imgclf_cli.images import load_image
+    from imgclf_cli.inference import image_size_of_keras_model
+
+    result, entries = predict_json(str(images), "--model", str(trained_run["run_dir"]), "--batch-size", "3")
+    assert [Path(entry["path"]).name for entry in entries] == [
+        "blue_000.png", "blue_000b.png", "blue_001.png", "blue_noext",
+        "green_000.png", "green_001.png",
+        "red_nested.png", "red_000.png", "red_001.png",
+    ]  # fmt: skip
+    broken = entries[1]
+    assert broken == {"path": str(images / "blue" / "blue_000b.png"), "label": None, "confidence": None, "top_k": [], "error": broken["error"]}
+    assert broken["error"] and "blue_000b.png" in result.stderr and "Warning" in result.stderr
+
+    model = keras.saving.load_model(trained_run["run_dir"] / "best.keras", compile=False)
+    size = image_size_of_keras_model(model)
+    for entry in entries:
+        assert set(entry) == {"path", "label", "confidence", "top_k", "error"}
+        if entry["error"]:
+            continue
+        expected = np.asarray(model(load_image(entry["path"], size)[None].astype("float32"), training=False))[0]
+        assert entry["label"] == LABELS[int(expected.argmax())], entry["path"]
+        assert entry["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
+        assert [item["label"] for item in entry["top_k"]] == [LABELS[i] for i in np.argsort(-expected)]
+        assert entry["top_k"][0] == {"label": entry["label"], "probability": entry["confidence"]}
+        probabilities = [item["probability"] for item in entry["top_k"]]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_default_table_output(trained_run: dict[str, Path], images: Path) -> None:
+    result = invoke(str(images / "red"), str(images / "blue" / "blue_000b.png"), "--model", str(trained_run["run_dir"]))
+    assert result.exit_code == 0, result.output
+    for name in ("red_000.png", "red_001.png", "red_nested.png", "blue_000b.png"):
+        assert name in result.stdout
+    header = result.stdout.splitlines()[1]
+    assert all(column in header for column in ("path", "label", "confidence", "top 3"))
+    assert "error:" in result.stdout
+    assert "Predicted 3 of 4 images" in result.stderr
+    assert "Predicted" not in result.stdout
+
+
+def test_csv_output_has_stable_columns(trained_run: dict[str, Path], images: Path) -> None:
+    result = invoke(str(images / "green"), "--model", str(trained_run["run_dir"]), "--format", "csv", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", "label", "confidence", "top1_label", "top1_probability", "top2_label", "top2_probability", "error"]
+    assert len(rows) == 3
+    for row in rows[1:]:
+        assert row[1] in LABELS and row[3] == row[1] and row[2] == row[4] and row[-1] == ""
+        assert 0.0 < float(row[2]) <= 1.0
+
+
+def test_top_k_and_batch_size(trained_run: dict[str, Path], images: Path) -> None:
+    model = str(trained_run["run_dir"])
+    _, one = predict_json(str(images), "--model", model, "--top-k", "1", "--batch-size", "1")
+    _, clamped = predict_json(str(images), "--model", model, "--top-k", "10", "--batch-size", "64")
+    readable = [index for index, entry in enumerate(one) if not entry["error"]]
+    assert all(len(one[i]["top_k"]) == 1 for i in readable)
+    assert all(len(clamped[i]["top_k"]) == len(LABELS) for i in readable)
+    assert [entry["label"] for entry in one] == [entry["label"] for entry in clamped]
+    assert [entry["path"] for entry in one] == [entry["path"] for entry in clamped]
+    assert invoke(str(images), "--model", model, "--top-k", "0").exit_code == 2
+    assert invoke(str(images), "--model", model, "--batch-size", "0").exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("file_name", "extra", "kind"),
+    [("out.json", [], "json"), ("out.csv", [], "csv"), ("out.txt", [], "table"), ("out.txt", ["--format", "csv"], "csv")],
+)
+def test_output_file(trained_run: dict[str, Path], images: Path, tmp_path: Path, file_name: str, extra: list[str], kind: str) -> None:
+    target = tmp_path / file_name
+    result = invoke(str(images / "red"), "--model", str(trained_run["run_dir"]), "--output", str(target), *extra)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert f"Wrote 3 results ({kind})" in result.stderr
+    text = target.read_text()
+    if kind == "json":
+        entries = json.loads(text)
+        assert [Path(entry["path"]).name for entry in entries] == ["red_nested.png", "red_000.png", "red_001.png"]
+        assert all(entry["label"] in LABELS for entry in entries)
+    elif kind == "csv":
+        assert text.startswith("path,label,confidence,top1_label")
+    else:
+        assert "red_nested.png" in text and "\x1b[" not in text
+    assert [path.name for path in tmp_path.iterdir()] == [file_name]  # no temporary file left behind
+
+
+def test_model_file_run_id_and_latest(trained_run: dict[str, Path], images: Path) -> None:
+    image = str(images / "green" / "green_000.png")
+    _, by_file = predict_json(image, "--model", str(trained_run["run_dir"] / "best.keras"))
+    _, by_id = predict_json(image, "--run", trained_run["run_dir"].name, "--runs-dir", str(trained_run["runs_dir"]))
+    _, by_latest = predict_json(image, "--runs-dir", str(trained_run["runs_dir"]))
+    assert by_file[0]["label"] == by_id[0]["label"] == by_latest[0]["label"]
+    assert by_file[0]["confidence"] == pytest.approx(by_latest[0]["confidence"])
+
+
+def test_usage_errors(trained_run: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    image = str(images / "green" / "green_000.png")
+    both = invoke(image, "--model", str(trained_run["run_dir"]), "--run", "latest")
+    assert both.exit_code == 2 and "either --model FILE or --run RUN" in both.stderr
+    assert invoke(image, "--model", str(tmp_path / "absent.keras")).exit_code == 2
+    assert invoke(image, "--format", "xml", "--model", str(trained_run["run_dir"])).exit_code == 2
+    assert invoke("--model", str(trained_run["run_dir"])).exit_code == 2  # no PATH
+    no_run = invoke(image, "--runs-dir", str(tmp_path / "empty"))
+    assert no_run.exit_code == 1 and "No completed run" in no_run.stderr
+
+
+def test_missing_path_among_readable_ones(trained_run: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    result, entries = predict_json(
+        str(images / "red" / "red_000.png"), str(tmp_path / "absent.png"), "--model", str(trained_run["run_dir"])
+    )
+    assert [entry["error"] for entry in entries] == [None, "file not found"]
+    assert "absent.png: file not found" in result.stderr
+
+
+def test_none_readable_exits_1(trained_run: dict[str, Path], images: Path) -> None:
+    result = invoke(
+        str(images / "blue" / "blue_000b.png"), str(images / "green" / "notes.txt"),
+        "--model", str(trained_run["run_dir"]), "--format", "json",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert [entry["error"] is not None for entry in json.loads(result.stdout)] == [True, True]
+    assert "Error: None of the 2 files could be read" in result.stderr
+
+
+def test_folder_without_images_exits_1(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.md").write_text("hello")
+    result = invoke(str(tmp_path / "empty"), "--model", str(trained_run["run_dir"]))
+    assert result.exit_code == 1
+    assert "No image files found in" in result.stderr and "Hint:" in result.stderr
+
+
+def test_help_has_an_example() -> None:
+    result = runner.invoke(app, ["predict", "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout
+    for option in ("--run", "--model", "--top-k", "--format", "--output", "--batch-size"):
+        assert option in result.stdout
+
+
+LIGHT_PREDICTION = """
+import sys
+import numpy as np
+from imgclf_cli.cli import app  # the whole CLI, as `imgclf predict` loads it
+from imgclf_cli.prediction import predict
+
+class FakePredictor:
+    labels = ["blue", "green", "red"]
+    image_size = (16, 16)
+    source = "fake"
+
+    def predict_batch(self, images):
+        means = images.reshape(len(images), -1, 3).mean(axis=1)[:, ::-1]  # red, green, blue -> blue, green, red
+        return (means / means.sum(axis=1, keepdims=True)).astype(np.float32)
+
+report = predict([sys.argv[1]], predictor=FakePredictor(), batch_size=4)
+assert report.num_predicted > 0, report
+assert all(r.label == r.path.split("/")[-2] for r in report.results if r.ok and "more" not in r.path), report
+heavy = [name for name in ("tensorflow", "keras", "sklearn", "matplotlib") if name in sys.modules]
+print("heavy:", heavy)
+"""
+
+
+def test_prediction_path_never_imports_tensorflow(images: Path) -> None:
+    """A .tflite/.onnx predictor must run without TensorFlow: only the Keras backend imports it."""
+    completed = subprocess.run(
+        [sys.executable, "-c", LIGHT_PREDICTION, str(images)], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "heavy: []" in completed.stdout
