@@ -37,8 +37,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf_cli.dataset import candidate_files, class_dirs, detect_split_dirs, is_hidden_or_system
-from imgclf_cli.errors import DatasetError
+from imgclf_cli.dataset import (
+    SPLIT_ALIASES,
+    candidate_files,
+    class_dirs,
+    detect_split_dirs,
+    is_hidden_or_system,
+)
+from imgclf_cli.errors import DatasetError, UsageError
 from imgclf_cli.images import (
     DECODE_ERRORS,
     SUPPORTED_FORMATS,
@@ -77,6 +83,7 @@ EXTENSION_FORMATS: dict[str, frozenset[str]] = {
 }
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+SPLIT_ORDER = tuple(dict.fromkeys(SPLIT_ALIASES.values()))  # train, val, test
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``on_progress(files_done, files_total)`` while files are scanned."""
@@ -249,6 +256,7 @@ class FileExamination:
 
 def inspect_dataset(
     data_dir: str | Path,
+    *,
     near_duplicates: bool = True,
     hash_distance: int = DEFAULT_HASH_DISTANCE,
     on_progress: ProgressCallback | None = None,
@@ -263,16 +271,15 @@ def inspect_dataset(
     ``data_dir`` is missing, not a folder, or holds no class folders.
     """
     if not 0 <= hash_distance <= MAX_HASH_DISTANCE:
-        raise DatasetError(
-            f"hash_distance must be between 0 and {MAX_HASH_DISTANCE}, got {hash_distance}",
+        raise UsageError(
+            f"--hash-distance must be between 0 and {MAX_HASH_DISTANCE}, got {hash_distance}",
             f"the default {DEFAULT_HASH_DISTANCE} finds re-encoded and resized copies",
         )
     started = time.perf_counter()
     root = resolve_root(data_dir)
-    layout, pending, empty_folders, hidden, ignored = list_dataset_files(root)
-    class_names = sorted(
-        {file.class_name for file in pending} | {name.split("/")[-1] for name in empty_folders}
-    )
+    listing = list_dataset_files(root)
+    layout, pending = listing.layout, listing.files
+    class_names = listing.class_names
 
     workers = max_workers or min(16, 4 * (os.cpu_count() or 1))
     examinations: list[FileExamination] = []
@@ -312,17 +319,12 @@ def inspect_dataset(
             extension_mismatch.append({"path": image.path, "extension": extension, "format": image.format})
         images.append(image)
 
-    split_names = (
-        sorted({file.split for file in pending if file.split}, key=split_sort_key)
-        if layout == "splits"
-        else []
-    )
     classes = {name: 0 for name in class_names}
     for image in images:
         classes[image.class_name] += 1
     splits: dict[str, dict[str, int]] | None = None
     if layout == "splits":
-        splits = {split: {name: 0 for name in class_names} for split in split_names}
+        splits = {split: {name: 0 for name in class_names} for split in listing.splits}
         for image in images:
             splits[image.split or ""][image.class_name] += 1
     present = [count for count in classes.values() if count > 0]
@@ -358,9 +360,9 @@ def inspect_dataset(
         extension_mismatch=extension_mismatch,
         non_image_files=non_image_files,
         small_images=small_images,
-        empty_class_folders=empty_folders,
-        hidden_files=hidden,
-        ignored_paths=ignored,
+        empty_class_folders=listing.empty_class_folders,
+        hidden_files=listing.hidden_files,
+        ignored_paths=listing.ignored_paths,
         duplicates=duplicates,
         near_duplicates=near,
         hash_distance=hash_distance,
@@ -388,21 +390,26 @@ def resolve_root(data_dir: str | Path) -> Path:
     return root.resolve()
 
 
-def split_sort_key(split: str) -> int:
-    return {"train": 0, "val": 1, "test": 2}.get(split, 3)
+@dataclass
+class DatasetListing:
+    """The files ``imgclf train`` would read, and what it would leave out (relative paths)."""
+
+    layout: str
+    splits: list[str]
+    class_names: list[str]
+    files: list[PendingFile]
+    empty_class_folders: list[str]
+    hidden_files: list[str]
+    ignored_paths: list[str]
 
 
-def list_dataset_files(root: Path) -> tuple[str, list[PendingFile], list[str], list[str], list[str]]:
-    """The files ``imgclf train`` would read, plus what it would leave out and why.
-
-    Returns ``(layout, files, empty_class_folders, hidden_files, ignored_paths)``; paths are
-    relative to ``root``. Uses the same rules as ``imgclf_cli.dataset.scan_dataset``.
-    """
+def list_dataset_files(root: Path) -> DatasetListing:
+    """List a dataset folder by the rules of ``imgclf_cli.dataset.scan_dataset`` (no file is opened)."""
     split_dirs = detect_split_dirs(root)
     layout = "splits" if split_dirs else "folders"
     split_roots: dict[str | None, Path] = {None: root}
     if split_dirs:
-        split_roots = {split: folder for split, folder in split_dirs.items()}
+        split_roots = {split: split_dirs[split] for split in SPLIT_ORDER if split in split_dirs}
 
     def relative(path: Path) -> str:
         return path.relative_to(root).as_posix()
@@ -439,7 +446,18 @@ def list_dataset_files(root: Path) -> tuple[str, list[PendingFile], list[str], l
             f"No class folders in {root}",
             "expected DATA_DIR/<class>/<images> or DATA_DIR/train/<class>/<images>",
         )
-    return layout, pending, empty_folders, sorted(hidden), sorted(ignored)
+    class_names = sorted(
+        {file.class_name for file in pending} | {folder.split("/")[-1] for folder in empty_folders}
+    )
+    return DatasetListing(
+        layout=layout,
+        splits=[split for split in split_roots if split is not None],
+        class_names=class_names,
+        files=pending,
+        empty_class_folders=empty_folders,
+        hidden_files=sorted(hidden),
+        ignored_paths=sorted(ignored),
+    )
 
 
 def examine_file(path: Path, perceptual: bool = True) -> FileExamination:

@@ -205,6 +205,16 @@ def test_cross_class_duplicate_in_folders_layout(tmp_path: Path) -> None:
     assert document["classes"] == {"blue": 3, "green": 4, "red": 3}
 
 
+def test_splits_are_listed_train_val_test(tmp_path: Path) -> None:
+    for split in ("val", "test", "train"):
+        make_class_folders(tmp_path / "data" / split, per_class=2, seed=len(split))
+    exit_code, document = run_json(str(tmp_path / "data"))
+    assert exit_code == 0
+    assert list(document["splits"]) == ["train", "val", "test"]
+    assert document["splits"]["test"] == {"blue": 2, "green": 2, "red": 2}
+    assert document["findings"] == []
+
+
 def test_report_writes_json_and_plots_without_touching_the_data(
     defective_dataset: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,7 @@ def inspect_dataset_command(
         Path,
         typer.Argument(
             help="Folder with one sub-folder of images per class (or train/ val/ test/ splits of them).",
+            metavar="DATA_DIR",
             show_default=False,
         ),
     ],
@@ -49,8 +50,8 @@ def inspect_dataset_command(
         bool,
         typer.Option(
             "--strict",
-            help="Exit with code 1 when errors are found (undecodable files, images filed under two classes, "
-            "images in two splits). Warnings never fail.",
+            help="Exit with code 1 when errors are found (undecodable files, classes without images, "
+            "images filed under two classes, images in two splits). Warnings never fail.",
         ),
     ] = False,
     near_duplicates: Annotated[
