@@ -168,6 +168,7 @@ class InspectionReport:
     modes: dict[str, int]
     sizes: dict[str, dict[str, float]]
     per_class: dict[str, dict[str, Any]]
+    per_split: dict[str, dict[str, Any]] | None
     corrupt: list[dict[str, str]]
     extension_mismatch: list[dict[str, str]]
     non_image_files: list[dict[str, str]]
@@ -214,6 +215,7 @@ class InspectionReport:
             "modes": self.modes,
             "sizes": self.sizes,
             "per_class": self.per_class,
+            "per_split": self.per_split,
             "corrupt": self.corrupt,
             "extension_mismatch": self.extension_mismatch,
             "non_image_files": self.non_image_files,
@@ -327,10 +329,7 @@ def inspect_dataset(
         splits = {split: {name: 0 for name in class_names} for split in listing.splits}
         for image in images:
             splits[image.split or ""][image.class_name] += 1
-    present = [count for count in classes.values() if count > 0]
-    imbalance_ratio = (
-        round(max(present) / min(present), 2) if present and len(present) == len(classes) else None
-    )
+    imbalance_ratio = imbalance_ratio_of(classes.values())
 
     small_images = [
         {"path": image.path, "width": image.width, "height": image.height}
@@ -356,6 +355,7 @@ def inspect_dataset(
         modes=dict(Counter(image.mode for image in images).most_common()),
         sizes=size_statistics(images),
         per_class=per_class_summary(class_names, images, corrupt, pending, small_side),
+        per_split=per_split_summary(splits, images, corrupt, pending, small_side) if splits else None,
         corrupt=corrupt,
         extension_mismatch=extension_mismatch,
         non_image_files=non_image_files,
@@ -719,6 +719,28 @@ def size_statistics(images: Sequence[ImageRecord]) -> dict[str, dict[str, float]
     }
 
 
+def summarise(members: Sequence[ImageRecord], num_corrupt: int, small_side: int) -> dict[str, Any]:
+    """Counts, formats, modes and median size of some images (one class or one split)."""
+    return {
+        "images": len(members),
+        "corrupt": num_corrupt,
+        "formats": dict(Counter(image.format for image in members).most_common()),
+        "modes": dict(Counter(image.mode for image in members).most_common()),
+        "not_rgb": sum(1 for image in members if image.mode != "RGB"),
+        "small": sum(1 for image in members if min(image.width, image.height) < small_side),
+        "median_width": statistics.median([image.width for image in members]) if members else None,
+        "median_height": statistics.median([image.height for image in members]) if members else None,
+    }
+
+
+def imbalance_ratio_of(counts: Iterable[int]) -> float | None:
+    """Largest over smallest class count; ``None`` when a class has no image."""
+    values = list(counts)
+    if not values or min(values) == 0:
+        return None
+    return round(max(values) / min(values), 2)
+
+
 def per_class_summary(
     class_names: Sequence[str],
     images: Sequence[ImageRecord],
@@ -731,18 +753,31 @@ def per_class_summary(
     by_class: dict[str, list[ImageRecord]] = defaultdict(list)
     for image in images:
         by_class[image.class_name].append(image)
-    summary: dict[str, dict[str, Any]] = {}
-    for name in class_names:
-        members = by_class.get(name, [])
-        summary[name] = {
-            "images": len(members),
-            "corrupt": corrupt_counts.get(name, 0),
-            "not_rgb": sum(1 for image in members if image.mode != "RGB"),
-            "small": sum(1 for image in members if min(image.width, image.height) < small_side),
-            "median_width": statistics.median([image.width for image in members]) if members else None,
-            "median_height": statistics.median([image.height for image in members]) if members else None,
+    return {
+        name: summarise(by_class.get(name, []), corrupt_counts.get(name, 0), small_side)
+        for name in class_names
+    }
+
+
+def per_split_summary(
+    splits: dict[str, dict[str, int]],
+    images: Sequence[ImageRecord],
+    corrupt: Sequence[dict[str, str]],
+    pending: Sequence[PendingFile],
+    small_side: int,
+) -> dict[str, dict[str, Any]]:
+    split_of_path = {file.relative_path: file.split for file in pending}
+    corrupt_counts = Counter(split_of_path[entry["path"]] for entry in corrupt)
+    by_split: dict[str | None, list[ImageRecord]] = defaultdict(list)
+    for image in images:
+        by_split[image.split].append(image)
+    return {
+        split: {
+            **summarise(by_split.get(split, []), corrupt_counts.get(split, 0), small_side),
+            "imbalance_ratio": imbalance_ratio_of(counts.values()),
         }
-    return summary
+        for split, counts in splits.items()
+    }
 
 
 def flatten(groups: Iterable[list[str]], separator: str = " = ") -> list[str]:

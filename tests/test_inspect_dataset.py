@@ -122,6 +122,9 @@ def test_counts_classes_and_splits(defect_report: dict) -> None:
     assert defect_report["num_images"] == sum(defect_report["classes"].values())
     assert set(defect_report["sizes"]) == {"width", "height", "aspect_ratio"}
     assert defect_report["sizes"]["width"]["min"] == 8
+    assert defect_report["per_split"]["val"]["images"] == 7
+    assert defect_report["per_class"]["cat"]["corrupt"] == 2
+    assert defect_report["imbalance_ratio"] is None  # bird has no image
 
 
 def test_undecodable_files_are_corrupt_with_a_reason(defect_report: dict) -> None:

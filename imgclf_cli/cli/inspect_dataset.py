@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -95,7 +95,9 @@ def inspect_dataset_command(
     if json_output:
         print_json(report.to_dict())
     else:
-        render_report(report, written)
+        render_report(report)
+    for path in written:
+        err.print(f"Wrote {path}", highlight=False, markup=False)
     if strict and report.has_errors:
         raise typer.Exit(1)
 
@@ -124,7 +126,7 @@ def scan_progress() -> Iterator[ProgressCallback | None]:
         yield on_progress
 
 
-def render_report(report: InspectionReport, written: list[Path]) -> None:
+def render_report(report: InspectionReport) -> None:
     layout = (
         "splits " + "/".join(report.splits or {}) if report.layout == "splits" else "class folders, no split"
     )
@@ -137,42 +139,64 @@ def render_report(report: InspectionReport, written: list[Path]) -> None:
     out.print(content_table(report))
     out.print(duplicate_table(report))
     render_findings(report)
-    for path in written:
-        err.print(f"Wrote {path}", highlight=False, markup=False)
 
 
 def class_table(report: InspectionReport) -> Table:
+    """One row per class (with a column per split), then totals and the imbalance ratio."""
     split_names = list(report.splits or {})
+    per_split = report.per_split or {}
     columns = ["class", *split_names, "images", "share", "median size", "not RGB", "small", "corrupt"]
     total = max(report.num_images, 1)
     rows = []
     for name, count in report.classes.items():
         summary = report.per_class[name]
-        median_size = (
-            f"{summary['median_width']:g}x{summary['median_height']:g}"
-            if summary["median_width"] is not None
-            else None
-        )
-        per_split = [(report.splits or {})[split][name] for split in split_names]
+        counts = [(report.splits or {})[split][name] for split in split_names]
         rows.append(
             [
                 name,
-                *per_split,
+                *counts,
                 count,
                 f"{count / total:.1%}",
-                median_size,
+                median_size(summary),
                 summary["not_rgb"],
                 summary["small"],
                 summary["corrupt"],
             ]
         )
-    ratio = "-" if report.imbalance_ratio is None else f"{report.imbalance_ratio:g}"
-    return make_table(
+    table = make_table(
         columns,
         rows,
-        title=f"Classes (imbalance, largest/smallest: {ratio})",
+        title="Classes",
         numeric=[*split_names, "images", "share", "median size", "not RGB", "small", "corrupt"],
     )
+    table.add_section()
+    table.add_row(
+        "all classes",
+        *(str(per_split[split]["images"]) for split in split_names),
+        str(report.num_images),
+        "",
+        "",
+        str(sum(summary["not_rgb"] for summary in report.per_class.values())),
+        str(len(report.small_images)),
+        str(len(report.corrupt)),
+    )
+    table.add_row(
+        "largest/smallest",
+        *(format_ratio(per_split[split]["imbalance_ratio"]) for split in split_names),
+        format_ratio(report.imbalance_ratio),
+        *([""] * 5),
+    )
+    return table
+
+
+def median_size(summary: dict[str, Any]) -> str | None:
+    if summary["median_width"] is None:
+        return None
+    return f"{summary['median_width']:g}x{summary['median_height']:g}"
+
+
+def format_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:g}"
 
 
 def content_table(report: InspectionReport) -> Table:
