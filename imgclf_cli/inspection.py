@@ -785,6 +785,19 @@ def flatten(groups: Iterable[list[str]], separator: str = " = ") -> list[str]:
     return [separator.join(group) for group in groups]
 
 
+def colour_mode_action(modes: dict[str, int]) -> str:
+    action = "Nothing: imgclf converts every image to 8-bit RGB"
+    if any(mode.startswith("16-bit") or mode in ("I", "F") for mode in modes):
+        action += ", rescaling 16-bit values"
+    action += "."
+    if any(mode in ("RGBA", "LA", "PA", "P", "16-bit RGBA", "16-bit LA") for mode in modes):
+        action += (
+            " Transparency is dropped: check that transparent (and palette) images still show "
+            "their subject without it."
+        )
+    return action
+
+
 def make_findings(report: InspectionReport) -> list[Finding]:
     """Findings ordered by severity (errors first), each with what to do."""
     findings: list[Finding] = []
@@ -935,7 +948,8 @@ def make_findings(report: InspectionReport) -> list[Finding]:
             "warning",
             "small_images",
             f"{len(report.small_images)} image(s) are very small (shorter side under {report.small_side} px)",
-            "Check that they are not thumbnails or icons saved by mistake; they are upscaled for training.",
+            "Check that they are not thumbnails or icons saved by mistake; they are upscaled for "
+            "training and left out of the near-duplicate search.",
             len(report.small_images),
             [f"{entry['path']}: {entry['width']}x{entry['height']}" for entry in report.small_images],
         )
@@ -969,7 +983,7 @@ def make_findings(report: InspectionReport) -> list[Finding]:
             "info",
             "imbalance",
             f"Classes are mildly imbalanced (largest/smallest = {report.imbalance_ratio:g})",
-            "Nothing to do: imgclf train weights classes by inverse frequency (train.class_weights=auto).",
+            "Nothing: imgclf train weights classes by inverse frequency (train.class_weights=auto).",
             len(report.classes),
             [f"{name}: {count}" for name, count in sorted(report.classes.items(), key=lambda item: item[1])],
         )
@@ -981,8 +995,7 @@ def make_findings(report: InspectionReport) -> list[Finding]:
             "colour_modes",
             f"{count} image(s) are not 8-bit RGB: "
             + ", ".join(f"{mode} {number}" for mode, number in not_rgb.items()),
-            "Nothing to do: imgclf converts every image to RGB (16-bit is rescaled). Transparency "
-            "is dropped, so check that transparent images still show their subject without it.",
+            colour_mode_action(not_rgb),
             count,
             [image.path for image in report.images if image.mode != "RGB"],
         )
@@ -991,7 +1004,7 @@ def make_findings(report: InspectionReport) -> list[Finding]:
             "info",
             "hidden_files",
             f"{len(report.hidden_files)} hidden or system file(s) are ignored",
-            "Nothing to do: imgclf skips hidden files (.DS_Store, Thumbs.db, ._* ...).",
+            "Nothing: imgclf skips hidden files (.DS_Store, Thumbs.db, ._* ...).",
             len(report.hidden_files),
             report.hidden_files,
         )
