@@ -7,7 +7,8 @@ and split, formats detected from content, colour modes, sizes, files that cannot
 exact duplicates (content hash) and near duplicates (perceptual hash), and a list of findings
 ordered by severity, each with what to do about it.
 
-Only Pillow, NumPy and the standard library are used: no TensorFlow, so it runs in a second.
+Only Pillow, NumPy and the standard library are used (no TensorFlow), so it starts at once;
+flowers128 (4,317 JPEGs) takes about two seconds on two CPU cores.
 
 Example::
 
@@ -58,8 +59,8 @@ from imgclf_cli.images import (
 DEFAULT_HASH_DISTANCE = 6
 """Largest Hamming distance (of 64 bits) between perceptual hashes counted as a near duplicate.
 
-Re-encoded or resized copies of a photo are typically 0 to 4 bits apart; unrelated photos are
-rarely closer than 10."""
+Re-encoded or resized copies of a photo are typically 0 to 4 bits apart; on flowers128, pairs
+8 or more bits apart are mostly different photos."""
 MAX_HASH_DISTANCE = 16
 SMALL_IMAGE_SIDE = 32
 """Images whose shorter side is below this many pixels are reported as very small and left out
@@ -481,11 +482,20 @@ def examine_file(path: Path, perceptual: bool = True) -> FileExamination:
                 if header.format in ("JPEG", "MPO"):
                     image.draft("L", (64, 64))
                 image.load()
-                perceptual_hash = perceptual_hash_of(image) if perceptual else None
+                decoded = image
     except DECODE_ERRORS as error:
         if header is None:
             return FileExamination(size_bytes=len(data), problem=header_problem(path, data))
         return FileExamination(size_bytes=len(data), format=header.format, problem=decode_problem(error))
+    except Exception as error:
+        # The bytes are untrusted: some malformed files make Pillow's decoders raise struct.error,
+        # IndexError and the like. One bad file must not stop the inspection of the others.
+        return FileExamination(
+            size_bytes=len(data),
+            format=header.format if header else None,
+            problem=f"cannot be decoded ({type(error).__name__}: {describe_error(error)})",
+        )
+    perceptual_hash = perceptual_hash_of(decoded) if perceptual else None
     return FileExamination(
         size_bytes=len(data),
         format=header.format,
