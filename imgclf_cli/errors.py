@@ -46,3 +46,15 @@ class TrainingInterrupted(ImgclfError):
     """Training stopped by Ctrl-C; the run was kept and can be resumed."""
 
     exit_code = 130
+
+
+class ExportVerificationError(ImgclfError):
+    """An exported model whose answers differ from the trained model's beyond the thresholds.
+
+    The artifacts were written; ``report`` (an ``imgclf_cli.exporting.ExportReport``) lists
+    them with their verification numbers, so a caller can still show or inspect them.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, report: object = None) -> None:
+        super().__init__(message, hint)
+        self.report = report

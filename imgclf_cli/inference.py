@@ -1,16 +1,22 @@
 """Loading a trained model for inference, whatever its format, with its labels.
 
-``load_predictor`` accepts a run (id, folder or ``latest``), a ``.keras`` file, and (once export
-has landed) a SavedModel folder, a ``.tflite`` file or an ``.onnx`` file. Every predictor takes
-a batch of RGB ``uint8`` images of its ``image_size`` (as decoded by
-``imgclf_cli.images.load_image``) and returns class probabilities. This module is light: each
-backend imports its runtime only when used, so a ``.tflite`` model never imports TensorFlow.
+``load_predictor`` accepts a run (id, folder or ``latest``), a ``.keras`` file, a SavedModel
+folder (``saved_model/`` with numbered versions, or one version), a ``.tflite`` file or an
+``.onnx`` file. Every predictor takes a batch of RGB ``uint8`` images of its ``image_size`` (as
+decoded by ``imgclf_cli.images.load_image``) and returns class probabilities. This module is
+light: each backend imports its runtime only when used, so a ``.tflite`` model (LiteRT
+interpreter) or an ``.onnx`` model (onnxruntime) never imports TensorFlow.
+
+Labels travel with the model: ``imgclf export`` writes them into the ``.tflite`` file (model
+metadata ``imgclf``), into the ONNX model (metadata property ``imgclf``), into the SavedModel's
+``assets/labels.txt``, and as ``labels.txt`` beside every artifact.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +24,15 @@ import numpy as np
 
 from imgclf_cli import store
 from imgclf_cli.errors import ModelError
+
+# Name of the metadata entry (TFLite) / metadata property (ONNX) that ``imgclf export`` writes:
+# a JSON object with "labels" (class names in index order) and "image_size" ([height, width]).
+MODEL_METADATA_KEY = "imgclf"
+LABELS_TEXT_FILE = "labels.txt"
+SAVED_MODEL_FILE = "saved_model.pb"
+# The SavedModel signature that takes float images (serving_default takes encoded image bytes).
+IMAGES_SIGNATURE = "serving_images"
+SUPPORTED_MODELS_HINT = "pass a run folder, a .keras, .tflite or .onnx file, or a SavedModel folder"
 
 
 class Predictor(Protocol):
@@ -78,26 +93,251 @@ def load_keras_predictor(path: Path, labels: list[str] | None = None) -> KerasPr
     return KerasPredictor(model, labels or find_labels(path), image_size_of_keras_model(model), str(path))
 
 
+def read_labels_text(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_metadata_labels(metadata: dict[str, Any], path: Path) -> list[str] | None:
+    labels = metadata.get("labels")
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ModelError(f"The labels stored in {path} are malformed: {labels!r}", "re-export the model with imgclf export")
+    return list(labels)
+
+
+def read_tflite_metadata(model_content: bytes) -> dict[str, Any]:
+    """The ``imgclf`` metadata entry of a TFLite flatbuffer (``{}`` when it has none).
+
+    Uses the flatbuffer schema shipped with ai-edge-litert, reading only the metadata table
+    (no copy of the weights).
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(model_content, 0)
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        if entry.Name() is not None and entry.Name().decode("utf-8") == MODEL_METADATA_KEY:
+            data = model.Buffers(entry.Buffer()).DataAsNumpy()
+            try:
+                return dict(json.loads(bytes(data).decode("utf-8")))
+            except (ValueError, TypeError):
+                return {}
+    return {}
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class TFLitePredictor:
+    """A ``.tflite`` model run by the LiteRT interpreter (``ai-edge-litert``), without TensorFlow.
+
+    Float models take the ``uint8`` pixels as floats (0..255; the model rescales them itself).
+    Integer-input models (``imgclf export --quantize int8 --int8-io``) get the pixels quantized
+    with the input tensor's scale and zero point, and their integer output is dequantized.
+    """
+
+    interpreter: Any
+    labels: list[str]
+    image_size: tuple[int, int]
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        interpreter = self.interpreter
+        input_detail = interpreter.get_input_details()[0]
+        if tuple(input_detail["shape"]) != tuple(images.shape):
+            interpreter.resize_tensor_input(input_detail["index"], list(images.shape))
+            interpreter.allocate_tensors()
+            input_detail = interpreter.get_input_details()[0]
+        interpreter.set_tensor(input_detail["index"], quantize(images, input_detail))
+        interpreter.invoke()
+        output_detail = interpreter.get_output_details()[0]
+        return dequantize(interpreter.get_tensor(output_detail["index"]), output_detail)
+
+
+def quantize(images: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return images.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    values = images.astype(np.float32) if not scale else np.round(images.astype(np.float32) / scale + zero_point)
+    limits = np.iinfo(dtype)
+    return np.clip(values, limits.min, limits.max).astype(dtype)
+
+
+def dequantize(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind != "f" and scale:
+        return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+    return values.astype(np.float32)
+
+
+def image_size_from_shape(shape: Any, path: Path) -> tuple[int, int]:
+    """(height, width) from an NHWC input shape; an error for inputs of unknown size."""
+    dims = list(shape)
+    if len(dims) != 4 or dims[3] not in (3, "3"):
+        raise ModelError(
+            f"{path} does not take a batch of RGB images: its input shape is {dims}",
+            "expected (batch, height, width, 3), as written by imgclf export",
+        )
+    height, width = dims[1], dims[2]
+    if not isinstance(height, (int, np.integer)) or not isinstance(width, (int, np.integer)) or height < 1 or width < 1:
+        raise ModelError(f"{path} takes images of any size ({dims}); imgclf needs a fixed input size", "export it with imgclf export")
+    return (int(height), int(width))
+
+
+def load_tflite_predictor(path: Path, labels: list[str] | None = None) -> TFLitePredictor:
+    from ai_edge_litert.interpreter import Interpreter
+
+    content = path.read_bytes()
+    try:
+        interpreter = Interpreter(model_content=content, num_threads=default_threads())
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as error:
+        raise ModelError(f"Could not load TFLite model {path}: {str(error).splitlines()[0][:300]}") from None
+    metadata = read_tflite_metadata(content)
+    image_size = image_size_from_shape(interpreter.get_input_details()[0]["shape"], path)
+    labels = labels or check_metadata_labels(metadata, path) or find_labels(path)
+    return TFLitePredictor(interpreter, labels, image_size, str(path), metadata)
+
+
+@dataclass
+class OnnxPredictor:
+    """An ``.onnx`` model run by onnxruntime on the CPU, without TensorFlow."""
+
+    session: Any
+    input_name: str
+    output_name: str
+    labels: list[str]
+    image_size: tuple[int, int]
+    source: str
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        (probabilities,) = self.session.run([self.output_name], {self.input_name: images.astype(np.float32)})
+        return np.asarray(probabilities, dtype=np.float32)
+
+
+def load_onnx_predictor(path: Path, labels: list[str] | None = None) -> OnnxPredictor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError(
+            f"Running {path.name} needs onnxruntime, which is not installed", "pip install 'imgclf[onnx]'"
+        ) from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        raise ModelError(f"Could not load ONNX model {path}: {str(error).splitlines()[0][:300]}") from None
+    model_input = session.get_inputs()[0]
+    outputs = [output.name for output in session.get_outputs()]
+    output_name = "probabilities" if "probabilities" in outputs else outputs[0]
+    metadata: dict[str, Any] = {}
+    stored = session.get_modelmeta().custom_metadata_map.get(MODEL_METADATA_KEY)
+    if stored:
+        try:
+            metadata = dict(json.loads(stored))
+        except ValueError:
+            metadata = {}
+    image_size = image_size_from_shape(model_input.shape, path)
+    labels = labels or check_metadata_labels(metadata, path) or find_labels(path)
+    return OnnxPredictor(session, model_input.name, output_name, labels, image_size, str(path))
+
+
+@dataclass
+class SavedModelPredictor:
+    """A SavedModel written by ``imgclf export --saved-model``, through its float-image signature."""
+
+    loaded: Any  # the loaded SavedModel: owns the variables the signature reads
+    signature: Any
+    input_name: str
+    output_name: str
+    labels: list[str]
+    image_size: tuple[int, int]
+    source: str
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        outputs = self.signature(**{self.input_name: tf.constant(images.astype(np.float32))})
+        return np.asarray(outputs[self.output_name], dtype=np.float32)
+
+
+def saved_model_version_dir(path: Path) -> Path | None:
+    """The folder holding ``saved_model.pb``: ``path`` itself or its highest numbered version."""
+    if (path / SAVED_MODEL_FILE).is_file():
+        return path
+    versions = [child for child in path.iterdir() if child.is_dir() and child.name.isdigit() and (child / SAVED_MODEL_FILE).is_file()]
+    return max(versions, key=lambda child: int(child.name)) if versions else None
+
+
+def load_saved_model_predictor(path: Path, labels: list[str] | None = None) -> SavedModelPredictor:
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as error:  # TensorFlow raises many types for unreadable SavedModels
+        raise ModelError(f"Could not load SavedModel {path}: {str(error).splitlines()[0][:300]}") from None
+    signature = loaded.signatures.get(IMAGES_SIGNATURE) or loaded.signatures.get("serving_default")
+    specs = signature.structured_input_signature[1] if signature is not None else {}
+    if signature is None or len(specs) != 1 or next(iter(specs.values())).dtype != tf.float32:
+        raise ModelError(
+            f"{path} has no signature taking float images (looked for {IMAGES_SIGNATURE!r} and 'serving_default')",
+            "export the model with imgclf export --saved-model",
+        )
+    input_name, spec = next(iter(specs.items()))
+    image_size = image_size_from_shape(spec.shape.as_list(), path)
+    outputs = list(signature.structured_outputs)
+    output_name = "probabilities" if "probabilities" in outputs else outputs[0]
+    labels_file = path / "assets" / LABELS_TEXT_FILE
+    labels = labels or (read_labels_text(labels_file) if labels_file.is_file() else find_labels(path))
+    return SavedModelPredictor(loaded, signature, input_name, output_name, labels, image_size, str(path))
+
+
 def load_predictor(
     model: str | Path | None = None,
     run: str | None = None,
     runs_dir: str | Path | None = None,
 ) -> Predictor:
-    """The predictor for ``--model FILE`` or, without it, the best model of ``--run``."""
+    """The predictor for ``--model`` (a file or folder) or, without it, the best model of ``--run``.
+
+    The backend follows the path: a run folder or ``.keras`` file (Keras, imports TensorFlow),
+    ``.tflite`` (LiteRT interpreter), ``.onnx`` (onnxruntime), a SavedModel folder (TensorFlow).
+    """
     if model is None:
         run_dir = store.resolve_run(run or "latest", runs_dir)
         return load_keras_predictor(run_dir / store.BEST_MODEL_FILE, store.read_labels(run_dir))
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelError(f"Model not found: {path}", "pass a run folder, a .keras, .tflite or .onnx file, or a SavedModel folder")
-    if path.is_dir() and store.is_run_dir(path):
-        return load_keras_predictor(path / store.BEST_MODEL_FILE, store.read_labels(path))
-    if path.suffix == ".keras":
+        raise ModelError(f"Model not found: {path}", SUPPORTED_MODELS_HINT)
+    if path.is_dir():
+        if store.is_run_dir(path):
+            return load_keras_predictor(path / store.BEST_MODEL_FILE, store.read_labels(path))
+        version_dir = saved_model_version_dir(path)
+        if version_dir is not None:
+            return load_saved_model_predictor(version_dir)
+        raise ModelError(f"{path} is neither a run folder nor a SavedModel (no {SAVED_MODEL_FILE})", SUPPORTED_MODELS_HINT)
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
         return load_keras_predictor(path)
-    raise ModelError(
-        f"Unsupported model file: {path}",
-        "pass a run folder, a .keras, .tflite or .onnx file, or a SavedModel folder",
-    )
+    if suffix == ".tflite":
+        return load_tflite_predictor(path)
+    if suffix == ".onnx":
+        return load_onnx_predictor(path)
+    raise ModelError(f"Unsupported model file: {path}", SUPPORTED_MODELS_HINT)
 
 
-__all__ = ["Predictor", "load_predictor", "find_labels", "KerasPredictor"]
+__all__ = [
+    "Predictor",
+    "load_predictor",
+    "find_labels",
+    "KerasPredictor",
+    "TFLitePredictor",
+    "OnnxPredictor",
+    "SavedModelPredictor",
+    "read_tflite_metadata",
+]

@@ -1,10 +1,194 @@
-"""Placeholder until the command lands."""
+"""``imgclf export``: parse options, call ``imgclf_cli.exporting.export_run``, render the report."""
 
 from __future__ import annotations
 
-from imgclf_cli.errors import ImgclfError
+import contextlib
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich import box
+
+from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption
+from imgclf_cli.console import err, format_cell, info, make_table, out, print_json, progress_enabled, warn
+from imgclf_cli.errors import ExportVerificationError
+
+if TYPE_CHECKING:
+    from imgclf_cli.exporting import ArtifactReport, ExportReport
 
 
-def export_command() -> None:
-    """Not available yet."""
-    raise ImgclfError("imgclf export is not available yet")
+class Quantize(str, Enum):
+    none = "none"
+    dynamic = "dynamic"
+    float16 = "float16"
+    int8 = "int8"
+
+
+def export_command(
+    run: RunOption = "latest",
+    tflite: Annotated[bool, typer.Option("--tflite", help="Export a TFLite (LiteRT) model.")] = False,
+    quantize: Annotated[
+        Optional[list[Quantize]],
+        typer.Option(
+            "--quantize",
+            "-q",
+            help="TFLite quantization (repeatable; implies --tflite): none = float32, dynamic = int8 weights, "
+            "float16 = float16 weights, int8 = integer model calibrated on training images.",
+            show_default="none",
+            case_sensitive=False,
+        ),
+    ] = None,
+    saved_model: Annotated[
+        bool, typer.Option("--saved-model", help="Export a SavedModel for TF Serving (saved_model/1/).")
+    ] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export an ONNX model (needs: pip install 'imgclf\\[onnx]').")] = False,
+    all_formats: Annotated[
+        bool, typer.Option("--all", help="SavedModel, ONNX and TFLite in all four quantization modes.")
+    ] = False,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Folder for the artifacts.", file_okay=False, show_default="<run>/export/"),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify/--no-verify", help="Compare every artifact with the Keras model on validation images."),
+    ] = True,
+    verify_images: Annotated[
+        int, typer.Option("--verify-images", help="At most this many validation images for verification.", min=1)
+    ] = 200,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", help="Training images used to calibrate --quantize int8.", min=1)
+    ] = 200,
+    int8_io: Annotated[
+        bool, typer.Option("--int8-io", help="With --quantize int8: uint8 input and output instead of float32.")
+    ] = False,
+    runs_dir: RunsDirOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Export a trained run as TFLite, SavedModel (TF Serving) and ONNX, and verify each artifact.
+
+    Artifacts carry the model's preprocessing and labels; they are written
+    to <run>/export/ unless --output. Each is compared with the Keras model
+    on validation images (top-1 agreement, probability difference, accuracy,
+    size, latency); the exit code is 1 when one misses its threshold.
+
+    Example:
+
+        imgclf export --tflite --quantize int8 --saved-model
+    """
+    from imgclf_cli.exporting import export_run
+
+    formats = [name for name, chosen in (("tflite", tflite), ("saved_model", saved_model), ("onnx", onnx), ("all", all_formats)) if chosen]
+    failure: ExportVerificationError | None = None
+    with progress_reporter(quiet=json_output) as on_progress:
+        try:
+            report = export_run(
+                run,
+                formats=formats,
+                quantize=[mode.value for mode in quantize or []],
+                output_dir=output,
+                verify=verify,
+                max_verify_images=verify_images,
+                calibration_images=calibration_images,
+                int8_io=int8_io,
+                runs_dir=runs_dir,
+                on_progress=on_progress,
+            )
+        except ExportVerificationError as error:
+            # The artifacts were written: show their numbers, then fail with the error's message.
+            failure = error
+            report = error.report  # type: ignore[assignment]
+    render(report, json_output)
+    if failure is not None:
+        raise failure
+
+
+@contextlib.contextmanager
+def progress_reporter(quiet: bool):  # type: ignore[no-untyped-def]
+    """A spinner on a terminal, plain lines on stderr otherwise, nothing with --json."""
+    if quiet:
+        yield None
+    elif progress_enabled():
+        with err.status("Exporting...") as status:
+            yield lambda message: status.update(f"{message}...")
+    else:
+        yield info
+
+
+def render(report: ExportReport, json_output: bool) -> None:
+    for message in report.warnings:
+        warn(message)
+    if json_output:
+        print_json(report.to_dict())
+        return
+    out.print(report_table(report))
+    if not report.verified:
+        err.print("Not verified (--no-verify).", highlight=False)
+        return
+    err.print(
+        f"Verified on {report.num_verify_images} validation image(s): agree = same top-1 class as the Keras model; "
+        "Δ acc in points; ms/img = one image per call; (bytes) = serving_default on the encoded files.",
+        highlight=False,
+    )
+    if not report.failures:
+        err.print("Every artifact passed its check.", highlight=False)
+
+
+def report_table(report: ExportReport) -> Any:
+    """One row per artifact; rows that miss their threshold in red (the reasons follow as the error)."""
+    output = Path(report.output_dir)
+    table = make_table(
+        ["artifact", "size", "agree", "max Δp", "accuracy", "Δ acc", "ms/img"],
+        [],
+        title=f"Run {report.run_id} exported to {output}",
+        numeric=["size", "agree", "max Δp", "accuracy", "Δ acc", "ms/img"],
+    )
+    # Borderless columns: the table fits an 80-column terminal.
+    table.box = box.SIMPLE_HEAD
+    table.pad_edge = False
+    if report.reference is not None:
+        reference = report.reference
+        cells = [f"{Path(reference.path).name} (ref)", human_size(reference.size_bytes), "-", "-",
+                 percent(reference.accuracy), "-", milliseconds(reference.latency_ms)]
+        table.add_row(*cells, style="dim")
+    artifacts = list(report.artifacts)
+    if report.serving_check is not None:
+        position = next(index for index, artifact in enumerate(artifacts) if artifact.format == "saved_model") + 1
+        artifacts.insert(position, report.serving_check)
+    for artifact in artifacts:
+        table.add_row(*(format_cell(cell) for cell in artifact_row(artifact, output)), style=None if artifact.passed else "bold red")
+    return table
+
+
+def artifact_label(artifact: ArtifactReport, output: Path) -> str:
+    """The file name, relative to the export folder; the SavedModel bytes check is marked."""
+    path = Path(artifact.path)
+    name = path.relative_to(output).as_posix() if path.is_relative_to(output) else str(path)
+    return f"{name} (bytes)" if artifact.note else name
+
+
+def artifact_row(artifact: ArtifactReport, output: Path) -> list[Any]:
+    return [
+        artifact_label(artifact, output),
+        human_size(artifact.size_bytes),
+        percent(artifact.agreement),
+        None if artifact.max_abs_diff is None else f"{artifact.max_abs_diff:.4f}",
+        percent(artifact.accuracy),
+        None if artifact.accuracy_delta is None else f"{artifact.accuracy_delta * 100:+.1f}",
+        milliseconds(artifact.latency_ms),
+    ]
+
+
+def percent(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1%}"
+
+
+def milliseconds(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
+
+
+def human_size(size: int) -> str:
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f}K"
+    return f"{size / 1024 / 1024:.1f}M"
