@@ -28,6 +28,7 @@ def evaluate_command(
             "Default: the run's own test split, or its validation split when the dataset had no test split.",
             exists=True,
             file_okay=False,
+            metavar="DATA_DIR",
             show_default=False,
         ),
     ] = None,
@@ -69,19 +70,25 @@ def evaluate_command(
 def progress_callbacks(
     description: str, quiet: bool = False
 ) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
-    """A progress bar on stderr when a person watches it; no callbacks otherwise."""
+    """A progress bar on stderr when a person watches it (``Loading model`` until the images
+    start); no callbacks otherwise."""
     if quiet or not progress_enabled():
         yield None, None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as progress:
-        task = progress.add_task(description, total=None)
+        task = progress.add_task("Loading model", total=None)
 
         def on_start(total: int) -> None:
-            progress.update(task, total=total)
+            progress.update(task, description=description, total=total)
 
         def on_progress(count: int) -> None:
             progress.advance(task, count)

@@ -37,7 +37,7 @@ def predict_command(
         list[str],
         typer.Argument(
             help="Image files, folders (searched recursively) and glob patterns such as 'photos/**/*.jpg'.",
-            metavar="PATH...",
+            metavar="PATH",
             show_default=False,
         ),
     ],

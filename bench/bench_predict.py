@@ -1,0 +1,164 @@
+"""Benchmark batch prediction: images per second on 1,000 small images, model loading apart.
+
+By default a small imgclf-cnn is trained for one epoch on 30 images per class of
+``mnist_png`` (in a temporary run store) and used to predict 1,000 other MNIST images
+(100 per class, 28x28 grayscale PNG, decoded to RGB and resized exactly as in training).
+Pass ``--model`` (a run folder, .keras, SavedModel, .tflite or .onnx) or ``--run`` to time an
+existing model instead.
+
+    python bench/bench_predict.py [--images 1000] [--batch-size 32] [--model PATH] [--repeat 3]
+
+Reported separately: importing TensorFlow and loading the model in a new process, loading it
+again in this one, the first batch; then the median of ``--repeat`` runs of
+``imgclf_cli.prediction.predict`` over all images (decoding + inference, files in the OS
+cache), of decoding alone and of inference alone; and, with ``--cli``, the wall time of the
+whole ``imgclf predict`` command in a new process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist_png"
+COLD_LOAD = """
+import sys, time
+started = time.perf_counter()
+if sys.argv[2] == "1":
+    import tensorflow
+imported = time.perf_counter() - started
+from imgclf_cli.inference import load_predictor
+started = time.perf_counter()
+load_predictor(model=sys.argv[1] or None, run=sys.argv[3] or None, runs_dir=sys.argv[4] or None)
+print(imported, time.perf_counter() - started)
+"""
+
+
+def pick_images(data_dir: Path, count: int, skip: int) -> list[str]:
+    """``count`` images spread evenly over the classes, after the first ``skip`` of each."""
+    classes = sorted(child for child in data_dir.iterdir() if child.is_dir())
+    per_class = -(-count // len(classes))
+    chosen: list[str] = []
+    for folder in classes:
+        chosen += [str(path) for path in sorted(folder.iterdir())[skip : skip + per_class]]
+    return chosen[:count]
+
+
+def train_small_model(data_dir: Path, workspace: Path) -> Path:
+    """A one-epoch imgclf-cnn on 30 images per class: enough to time prediction."""
+    from imgclf_cli.training import train
+
+    subset = workspace / "train_data"
+    for folder in sorted(child for child in data_dir.iterdir() if child.is_dir()):
+        (subset / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:30]:
+            shutil.copy(path, subset / folder.name / path.name)
+    result = train(
+        subset,
+        flags={"train.epochs": 1, "data.image_size": 32, "data.batch_size": 32},
+        runs_dir=workspace / "runs",
+        quiet=True,
+    )
+    return Path(result.run_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders to take images from")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--model", help="a run folder, .keras, SavedModel, .tflite or .onnx (default: train one)")
+    parser.add_argument("--run", help="a run id or folder (with --runs-dir or $IMGCLF_RUNS_DIR)")
+    parser.add_argument("--runs-dir")
+    parser.add_argument("--cli", action="store_true", help="also time the whole `imgclf predict` command")
+    arguments = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    from imgclf_cli.inference import load_predictor
+    from imgclf_cli.prediction import decoded_batches, predict
+
+    workspace = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    try:
+        model: str | None = arguments.model
+        if model is None and arguments.run is None:
+            print(f"Training a small model on {arguments.data} (not timed)...", file=sys.stderr)
+            model = str(train_small_model(arguments.data, workspace))
+        paths = pick_images(arguments.data, arguments.images, skip=30)
+
+        # Loading in a new process: what a user waits for before the first prediction.
+        needs_tensorflow = model is None or not str(model).endswith((".tflite", ".onnx"))
+        cold = subprocess.run(
+            [sys.executable, "-c", COLD_LOAD, model or "", "1" if needs_tensorflow else "0", arguments.run or "", arguments.runs_dir or ""],
+            capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )  # fmt: skip
+        if cold.returncode != 0:
+            raise SystemExit(cold.stderr)
+        import_seconds, cold_load_seconds = (float(value) for value in cold.stdout.split()[-2:])
+        started = time.perf_counter()
+        predictor = load_predictor(model=model, run=arguments.run, runs_dir=arguments.runs_dir)
+        load_seconds = time.perf_counter() - started
+
+        first = next(decoded_batches(paths[: arguments.batch_size], predictor.image_size, arguments.batch_size))[1]
+        started = time.perf_counter()
+        predictor.predict_batch(np.stack(first))
+        first_batch_seconds = time.perf_counter() - started
+
+        end_to_end, decoding, inference = [], [], []
+        images = None
+        for _ in range(arguments.repeat):
+            started = time.perf_counter()
+            report = predict(paths, predictor=predictor, batch_size=arguments.batch_size)
+            end_to_end.append(time.perf_counter() - started)
+            if report.num_predicted != len(paths):
+                raise SystemExit(f"only {report.num_predicted} of {len(paths)} images were predicted")
+
+            started = time.perf_counter()
+            decoded = [item for _, batch in decoded_batches(paths, predictor.image_size, arguments.batch_size) for item in batch]
+            decoding.append(time.perf_counter() - started)
+            images = np.stack(decoded)
+
+            started = time.perf_counter()
+            for start in range(0, len(images), arguments.batch_size):
+                predictor.predict_batch(images[start : start + arguments.batch_size])
+            inference.append(time.perf_counter() - started)
+
+        count = len(paths)
+        print(f"model: {predictor.source} ({type(predictor).__name__}, input {predictor.image_size[0]}x{predictor.image_size[1]}, {len(predictor.labels)} classes)")
+        print(f"images: {count} from {arguments.data}, batch size {arguments.batch_size}, {os.cpu_count()} CPU cores")
+        print(f"new process: import tensorflow {import_seconds:.2f} s, then load model {cold_load_seconds:.2f} s")
+        print(f"load model (warm process):{load_seconds:7.2f} s")
+        print(f"first batch (tracing):    {first_batch_seconds:7.2f} s")
+        for name, timings in (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference)):
+            median = statistics.median(timings)
+            print(f"{name + ':':25s} {median:7.2f} s  {count / median:8.0f} images/s  (median of {len(timings)})")
+
+        if arguments.cli:
+            command = [
+                sys.executable, "-m", "imgclf_cli", "predict", *paths, "--format", "json",
+                "--output", str(workspace / "out.json"), "--batch-size", str(arguments.batch_size),
+            ]  # fmt: skip
+            command += ["--model", str(model)] if model else ["--run", arguments.run]
+            if arguments.runs_dir:
+                command += ["--runs-dir", arguments.runs_dir]
+            started = time.perf_counter()
+            completed = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if completed.returncode != 0:
+                raise SystemExit(completed.stderr)
+            print(f"imgclf predict (new process, wall): {wall:6.2f} s  {count / wall:8.0f} images/s  (start-up and model load included)")
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
