@@ -4,9 +4,10 @@ By default a small imgclf-cnn is trained for one epoch on 30 images per class of
 ``mnist_png`` (in a temporary run store) and used to predict 1,000 other MNIST images
 (100 per class, 28x28 grayscale PNG, decoded to RGB and resized exactly as in training).
 Pass ``--model`` (a run folder, .keras, SavedModel, .tflite or .onnx) or ``--run`` to time an
-existing model instead.
+existing model instead, ``--tflite`` to also export the model to .tflite and time that.
 
     python bench/bench_predict.py [--images 1000] [--batch-size 32] [--model PATH] [--repeat 3]
+                                  [--tflite] [--cli]
 
 Reported separately: importing TensorFlow and loading the model in a new process, loading it
 again in this one, the first batch; then the median of ``--repeat`` runs of
@@ -71,6 +72,76 @@ def train_small_model(data_dir: Path, workspace: Path) -> Path:
     return Path(result.run_dir)
 
 
+def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: list[str], arguments: argparse.Namespace) -> None:
+    """Print load, first-batch, end-to-end, decode-only and model-only figures for one model."""
+    from imgclf_cli.inference import load_predictor
+    from imgclf_cli.prediction import decoded_batches, predict
+
+    # Loading in a new process: what a user waits for before the first prediction.
+    needs_tensorflow = model is None or not str(model).endswith((".tflite", ".onnx"))
+    cold = subprocess.run(
+        [sys.executable, "-c", COLD_LOAD, model or "", "1" if needs_tensorflow else "0", run or "", runs_dir or ""],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    if cold.returncode != 0:
+        raise SystemExit(cold.stderr)
+    import_seconds, cold_load_seconds = (float(value) for value in cold.stdout.split()[-2:])
+    started = time.perf_counter()
+    predictor = load_predictor(model=model, run=run, runs_dir=runs_dir)
+    load_seconds = time.perf_counter() - started
+
+    batch_size = arguments.batch_size
+    first = next(decoded_batches(paths[:batch_size], predictor.image_size, batch_size))[1]
+    started = time.perf_counter()
+    predictor.predict_batch(np.stack(first))
+    first_batch_seconds = time.perf_counter() - started
+
+    end_to_end, decoding, inference = [], [], []
+    for _ in range(arguments.repeat):
+        started = time.perf_counter()
+        report = predict(paths, predictor=predictor, batch_size=batch_size)
+        end_to_end.append(time.perf_counter() - started)
+        if report.num_predicted != len(paths):
+            raise SystemExit(f"only {report.num_predicted} of {len(paths)} images were predicted")
+
+        started = time.perf_counter()
+        decoded = [item for _, batch in decoded_batches(paths, predictor.image_size, batch_size) for item in batch]
+        decoding.append(time.perf_counter() - started)
+        images = np.stack(decoded)  # type: ignore[arg-type]
+
+        started = time.perf_counter()
+        for start in range(0, len(images), batch_size):
+            predictor.predict_batch(images[start : start + batch_size])
+        inference.append(time.perf_counter() - started)
+
+    count = len(paths)
+    height, width = predictor.image_size
+    print(f"\nmodel: {predictor.source} ({type(predictor).__name__}, input {height}x{width}, {len(predictor.labels)} classes)")
+    print(f"images: {count} from {arguments.data}, batch size {batch_size}, {os.cpu_count()} CPU cores")
+    tensorflow_note = f"import tensorflow {import_seconds:.2f} s, then " if needs_tensorflow else "no tensorflow, "
+    print(f"new process: {tensorflow_note}load model {cold_load_seconds:.2f} s")
+    print(f"load model again (this process): {load_seconds:6.2f} s")
+    print(f"first batch:                     {first_batch_seconds:6.2f} s")
+    for name, timings in (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference)):
+        median = statistics.median(timings)
+        print(f"{name + ':':32s} {median:6.2f} s  {count / median:7.0f} images/s  (median of {len(timings)})")
+
+    if arguments.cli:
+        command = [
+            sys.executable, "-m", "imgclf_cli", "predict", *paths, "--format", "json",
+            "--output", os.devnull if os.name != "nt" else "NUL", "--batch-size", str(batch_size),
+        ]  # fmt: skip
+        command += ["--model", str(model)] if model else ["--run", str(run)]
+        if runs_dir:
+            command += ["--runs-dir", runs_dir]
+        started = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if completed.returncode != 0:
+            raise SystemExit(completed.stderr)
+        print(f"{'imgclf predict, new process:':32s} {wall:6.2f} s  {count / wall:7.0f} images/s  (start-up and model load included)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders to take images from")
@@ -80,12 +151,10 @@ def main() -> None:
     parser.add_argument("--model", help="a run folder, .keras, SavedModel, .tflite or .onnx (default: train one)")
     parser.add_argument("--run", help="a run id or folder (with --runs-dir or $IMGCLF_RUNS_DIR)")
     parser.add_argument("--runs-dir")
+    parser.add_argument("--tflite", action="store_true", help="also export the trained model to .tflite and time it")
     parser.add_argument("--cli", action="store_true", help="also time the whole `imgclf predict` command")
     arguments = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-    from imgclf_cli.inference import load_predictor
-    from imgclf_cli.prediction import decoded_batches, predict
 
     workspace = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     try:
@@ -94,68 +163,12 @@ def main() -> None:
             print(f"Training a small model on {arguments.data} (not timed)...", file=sys.stderr)
             model = str(train_small_model(arguments.data, workspace))
         paths = pick_images(arguments.data, arguments.images, skip=30)
+        time_model(model, arguments.run, arguments.runs_dir, paths, arguments)
+        if arguments.tflite:
+            from imgclf_cli.exporting import export_run
 
-        # Loading in a new process: what a user waits for before the first prediction.
-        needs_tensorflow = model is None or not str(model).endswith((".tflite", ".onnx"))
-        cold = subprocess.run(
-            [sys.executable, "-c", COLD_LOAD, model or "", "1" if needs_tensorflow else "0", arguments.run or "", arguments.runs_dir or ""],
-            capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )  # fmt: skip
-        if cold.returncode != 0:
-            raise SystemExit(cold.stderr)
-        import_seconds, cold_load_seconds = (float(value) for value in cold.stdout.split()[-2:])
-        started = time.perf_counter()
-        predictor = load_predictor(model=model, run=arguments.run, runs_dir=arguments.runs_dir)
-        load_seconds = time.perf_counter() - started
-
-        first = next(decoded_batches(paths[: arguments.batch_size], predictor.image_size, arguments.batch_size))[1]
-        started = time.perf_counter()
-        predictor.predict_batch(np.stack(first))
-        first_batch_seconds = time.perf_counter() - started
-
-        end_to_end, decoding, inference = [], [], []
-        images = None
-        for _ in range(arguments.repeat):
-            started = time.perf_counter()
-            report = predict(paths, predictor=predictor, batch_size=arguments.batch_size)
-            end_to_end.append(time.perf_counter() - started)
-            if report.num_predicted != len(paths):
-                raise SystemExit(f"only {report.num_predicted} of {len(paths)} images were predicted")
-
-            started = time.perf_counter()
-            decoded = [item for _, batch in decoded_batches(paths, predictor.image_size, arguments.batch_size) for item in batch]
-            decoding.append(time.perf_counter() - started)
-            images = np.stack(decoded)
-
-            started = time.perf_counter()
-            for start in range(0, len(images), arguments.batch_size):
-                predictor.predict_batch(images[start : start + arguments.batch_size])
-            inference.append(time.perf_counter() - started)
-
-        count = len(paths)
-        print(f"model: {predictor.source} ({type(predictor).__name__}, input {predictor.image_size[0]}x{predictor.image_size[1]}, {len(predictor.labels)} classes)")
-        print(f"images: {count} from {arguments.data}, batch size {arguments.batch_size}, {os.cpu_count()} CPU cores")
-        print(f"new process: import tensorflow {import_seconds:.2f} s, then load model {cold_load_seconds:.2f} s")
-        print(f"load model (warm process):{load_seconds:7.2f} s")
-        print(f"first batch (tracing):    {first_batch_seconds:7.2f} s")
-        for name, timings in (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference)):
-            median = statistics.median(timings)
-            print(f"{name + ':':25s} {median:7.2f} s  {count / median:8.0f} images/s  (median of {len(timings)})")
-
-        if arguments.cli:
-            command = [
-                sys.executable, "-m", "imgclf_cli", "predict", *paths, "--format", "json",
-                "--output", str(workspace / "out.json"), "--batch-size", str(arguments.batch_size),
-            ]  # fmt: skip
-            command += ["--model", str(model)] if model else ["--run", arguments.run]
-            if arguments.runs_dir:
-                command += ["--runs-dir", arguments.runs_dir]
-            started = time.perf_counter()
-            completed = subprocess.run(command, capture_output=True, text=True)
-            wall = time.perf_counter() - started
-            if completed.returncode != 0:
-                raise SystemExit(completed.stderr)
-            print(f"imgclf predict (new process, wall): {wall:6.2f} s  {count / wall:8.0f} images/s  (start-up and model load included)")
+            exported = export_run(model or arguments.run, formats=("tflite",), verify=False, runs_dir=arguments.runs_dir)
+            time_model(exported.artifacts[0].path, None, None, paths, arguments)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
 
