@@ -78,6 +78,7 @@ def make_dataset(
     cache_dir: Path | None = None,
     cache_name: str = "data",
     one_hot: bool = True,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Batches of ``(uint8 images, labels)``; the model rescales and augments them itself.
 
@@ -122,7 +123,7 @@ def make_dataset(
         image_bytes = height * width * 3
         buffer = len(paths) if cache == "memory" else max(256, min(len(paths), SHUFFLE_BUFFER_BYTES // image_bytes))
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if one_hot:
         dataset = dataset.map(
             lambda images, batch_labels: (images, tf.one_hot(batch_labels, num_classes)),

@@ -84,6 +84,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") ->
     temporary_path = Path(temporary)
     try:
         write(temporary_path)
+        # mkstemp creates files readable by their owner only; give them the usual umask mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary_path, 0o666 & ~umask)
         os.replace(temporary_path, path)
     finally:
         if temporary_path.exists():

@@ -15,6 +15,7 @@ import math
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,8 +434,24 @@ def train(
         cache=config.data.cache,
         cache_dir=cache_dir,
     )
-    train_data = make_dataset(manifest.train, training=True, cache_name="train", **common)
-    val_data = make_dataset(manifest.val, training=False, cache_name="val", **common)
+    # Under MirroredStrategy a batch split unevenly across replicas fails inside Keras (AddN
+    # of mismatched shapes): every batch must be a multiple of the number of replicas.
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        train_batch = max(replicas, min(config.data.batch_size, len(manifest.train)) // replicas * replicas)
+        val_batch = max(replicas, min(train_batch, len(manifest.val) // replicas * replicas))
+        common["batch_size"] = train_batch
+    train_data = make_dataset(manifest.train, training=True, cache_name="train", drop_remainder=replicas > 1, **common)
+    if replicas > 1:
+        common["batch_size"] = val_batch
+        left_out = len(manifest.val) % val_batch
+        if left_out and not quiet:
+            err.print(
+                f"Note: with {replicas} replicas, validation uses full batches of {val_batch} only "
+                f"({left_out} of {len(manifest.val)} images left out).",
+                highlight=False,
+            )
+    val_data = make_dataset(manifest.val, training=False, cache_name="val", drop_remainder=replicas > 1, **common)
     steps_per_epoch = max(1, math.ceil(len(manifest.train) / config.data.batch_size))
 
     with strategy.scope():
@@ -477,15 +494,12 @@ def train(
         if initial_epoch < config.train.epochs:
             if progress:
                 progress.start()
-            model.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=config.train.epochs,
-                initial_epoch=initial_epoch,
-                class_weight=class_weights_for(config, manifest),
-                callbacks=callbacks,
-                verbose=0,
-            )
+            with warnings.catch_warnings():
+                # Undecodable files are filtered out of the stream, so Keras cannot know the number
+                # of batches in advance and warns about it; that is expected here.
+                warnings.filterwarnings("ignore", message=".*ran out of data.*")
+                warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+                fit(model, train_data, val_data, config, initial_epoch, class_weights_for(config, manifest), callbacks)
     except KeyboardInterrupt:
         if progress:
             progress.stop()
@@ -526,6 +540,26 @@ def train(
         skipped_files=all_skipped,
         model_path=str(run_dir / store.BEST_MODEL_FILE),
         stopped_early=recorder.stopped_early,
+    )
+
+
+def fit(
+    model: keras.Model,
+    train_data: tf.data.Dataset,
+    val_data: tf.data.Dataset,
+    config: Config,
+    initial_epoch: int,
+    class_weight: dict[int, float] | None,
+    callbacks: list[keras.callbacks.Callback],
+) -> None:
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=config.train.epochs,
+        initial_epoch=initial_epoch,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        verbose=0,
     )
 
 

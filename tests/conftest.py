@@ -19,8 +19,8 @@ CLASS_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 
 
 # The tiny, fast training every test that needs a model uses.
 TINY_TRAINING = [
-    "--epochs", "6",
-    "--image-size", "32",
+    "--epochs", "10",
+    "--image-size", "48",
     "--batch-size", "8",
     "--set", "model.width=8",
     "--set", "train.learning_rate=0.01",

@@ -1,0 +1,240 @@
+"""`imgclf train` end to end on tiny generated folders, the run store, resume after Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import TINY_TRAINING, make_class_folders
+from imgclf_cli import store
+from imgclf_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def train_cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["train", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_trained_run_is_self_describing(trained_run: dict) -> None:
+    run_dir: Path = trained_run["run_dir"]
+    summary = trained_run["summary"]
+    for key in ("run_id", "run_dir", "classes", "num_train", "num_val", "epochs_run", "best_epoch",
+                "val_accuracy", "val_loss", "train_seconds", "skipped_files"):
+        assert key in summary
+    assert summary["classes"] == ["blue", "green", "red"]
+    assert summary["num_train"] + summary["num_val"] == 48
+    assert summary["val_accuracy"] >= 0.8  # solid colours: a working pipeline learns them
+    for name in (store.CONFIG_FILE, store.LABELS_FILE, store.SPLIT_FILE, store.BEST_MODEL_FILE,
+                 store.LAST_CHECKPOINT_FILE, store.HISTORY_FILE, store.META_FILE):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / store.PLOTS_DIR / "training_curves.png").stat().st_size > 1000
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    meta = json.loads((run_dir / store.META_FILE).read_text())
+    assert meta["status"] == "completed"
+    assert meta["versions"]["tensorflow"] and meta["dataset"]["fingerprint"]
+    assert json.loads((run_dir / store.LABELS_FILE).read_text()) == summary["classes"]
+    with (run_dir / store.HISTORY_FILE).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == summary["epochs_run"]
+    saved_config = (run_dir / store.CONFIG_FILE).read_text()
+    assert "image_size: 48" in saved_config and "epochs: 10" in saved_config
+    assert store.resolve_run("latest", trained_run["runs_dir"]) == run_dir
+
+
+def test_best_model_loads_in_safe_mode_and_matches_val_accuracy(trained_run: dict) -> None:
+    from imgclf_cli.dataset import SplitManifest
+    from imgclf_cli.images import load_image
+    from imgclf_cli.models import load_model
+
+    run_dir: Path = trained_run["run_dir"]
+    model = load_model(run_dir / store.BEST_MODEL_FILE)
+    manifest = SplitManifest.from_json((run_dir / store.SPLIT_FILE).read_text())
+    images = np.stack([load_image(s.path, (48, 48)) for s in manifest.val]).astype("float32")
+    predicted = np.asarray(model(images, training=False)).argmax(axis=1)
+    accuracy = float(np.mean(predicted == np.array([s.label for s in manifest.val])))
+    assert accuracy == pytest.approx(trained_run["summary"]["val_accuracy"], abs=1e-6)
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path: Path, runs_dir: Path) -> None:
+    root = make_class_folders(tmp_path / "data", per_class=8)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "red" / "png_named.jpg", format="PNG")
+    Image.new("RGBA", (30, 30), (220, 40, 40, 128)).save(root / "red" / "rgba.png")
+    Image.new("L", (30, 30), 90).save(root / "blue" / "gray.png")
+    (root / "green" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (root / "blue" / "truncated.jpg").write_bytes(buffer.getvalue()[:400])
+    code, stdout, stderr = train_cli(str(root), "--json", *TINY_TRAINING[:2], "--image-size", "32", "--set", "model.width=8")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    skipped = {Path(entry["path"]).name: entry["reason"] for entry in summary["skipped_files"]}
+    assert set(skipped) == {"corrupt.jpg", "truncated.jpg"}
+    assert all(reason for reason in skipped.values())
+    assert summary["num_train"] + summary["num_val"] == 24 + 3  # every readable image used
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["/definitely/not/here"], 1, "not found"),
+        (["{data}", "--model", "resnet5O"], 1, "Unknown model"),
+        (["{data}", "--set", "train.epochs"], 2, "KEY=VALUE"),
+        (["{data}", "--set", "train.epochz=3"], 2, "unknown key"),
+        (["{data}", "--set", "train.epochs=ten"], 1, "expects int"),
+        (["{data}", "--config", "{bad_yaml}"], 1, "Invalid YAML"),
+        (["{single}"], 1, "Only one class"),
+        (["{empty}"], 1, "No class folders"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path: Path, runs_dir: Path, args: list[str], code: int, message: str) -> None:
+    data = make_class_folders(tmp_path / "data", per_class=2)
+    single = make_class_folders(tmp_path / "single", per_class=2, classes={"cats": (1, 2, 3)})
+    (tmp_path / "empty").mkdir()
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: [oops\n")
+    filled = [a.format(data=data, single=single, empty=tmp_path / "empty", bad_yaml=bad_yaml) for a in args]
+    exit_code, _, stderr = train_cli(*filled)
+    assert exit_code == code, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert stderr.startswith("Error:")
+    assert not list(runs_dir.glob("*")) or not any(runs_dir.iterdir())
+
+
+def test_print_config_is_valid_yaml_with_every_section() -> None:
+    import yaml
+
+    result = runner.invoke(app, ["train", "--print-config"])
+    assert result.exit_code == 0
+    document = yaml.safe_load(result.stdout)
+    assert set(document) == {"seed", "data", "model", "augment", "train"}
+
+
+def test_interrupt_then_resume_continues_from_last_epoch(
+    tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgclf_cli import training
+
+    data = make_class_folders(tmp_path / "data", per_class=6)
+    original = training.RunRecorder.on_epoch_end
+
+    def interrupt_after_second_epoch(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.RunRecorder, "on_epoch_end", interrupt_after_second_epoch)
+    args = ["--epochs", "4", "--image-size", "32", "--batch-size", "8", "--set", "model.width=8"]
+    code, _, stderr = train_cli(str(data), *args)
+    assert code == 130
+    assert "--resume" in stderr
+    (run_dir,) = store.list_runs(runs_dir)
+    assert store.read_meta(run_dir)["status"] == "interrupted"
+    assert (run_dir / store.LAST_CHECKPOINT_FILE).is_file()
+    assert len(training.read_history(run_dir)) == 2
+    with pytest.raises(Exception, match="No completed run"):
+        store.resolve_run("latest", runs_dir)  # an interrupted run is not "latest"
+
+    monkeypatch.setattr(training.RunRecorder, "on_epoch_end", original)
+    code, stdout, stderr = train_cli("--resume", run_dir.name, "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["run_dir"] == str(run_dir)
+    assert summary["epochs_run"] == 4
+    assert [row["epoch"] for row in training.read_history(run_dir)] == [1, 2, 3, 4]
+    assert store.read_meta(run_dir)["status"] == "completed"
+
+
+def test_pretrained_backbone_with_random_weights_trains(tmp_path: Path, runs_dir: Path) -> None:
+    data = make_class_folders(tmp_path / "data", per_class=4)
+    code, stdout, stderr = train_cli(
+        str(data), "--json", "--model", "mobilenet_v3_small", "--set", "model.weights=none",
+        "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    config = (Path(summary["run_dir"]) / store.CONFIG_FILE).read_text()
+    assert "name: mobilenet_v3_small" in config
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: Path, runs_dir: Path) -> None:
+    data = make_class_folders(tmp_path / "data", per_class=2)
+    code, _, stderr = train_cli(str(data), "--model", "efficientnet_b0", "--set", f"model.weights={tmp_path}/nope.h5")
+    assert code == 1
+    assert "weights file not found" in stderr
+
+
+def test_class_weights() -> None:
+    from imgclf_cli.config import resolve_config
+    from imgclf_cli.dataset import Sample, SplitManifest
+    from imgclf_cli.errors import ImgclfError
+    from imgclf_cli.training import class_weights_for
+
+    train = [Sample(f"a{i}", 0) for i in range(30)] + [Sample(f"b{i}", 1) for i in range(10)]
+    manifest = SplitManifest("/", "folders", ["a", "b"], train, [])
+    weights = class_weights_for(resolve_config(), manifest)
+    assert weights is not None and weights[1] == pytest.approx(3 * weights[0])
+    assert class_weights_for(resolve_config(overrides=["train.class_weights=none"]), manifest) is None
+    explicit = class_weights_for(resolve_config(overrides=["train.class_weights={b: 5}"]), manifest)
+    assert explicit == {0: 1.0, 1: 5.0}
+    with pytest.raises(ImgclfError, match="unknown class"):
+        class_weights_for(resolve_config(overrides=["train.class_weights={c: 5}"]), manifest)
+
+
+def test_run_dirs_are_unique_and_writes_atomic(tmp_path: Path) -> None:
+    first = store.create_run_dir(tmp_path, "imgclf-cnn")
+    second = store.create_run_dir(tmp_path, "imgclf-cnn")
+    assert first != second and first.is_dir() and second.is_dir()
+    target = tmp_path / "file.json"
+    store.atomic_write_json(target, {"a": 1})
+
+    def failing_write(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        store.atomic_write(target, failing_write)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["file.json"]
+
+
+def test_same_seed_gives_same_split(tmp_path: Path, trained_run: dict) -> None:
+    from imgclf_cli.dataset import make_manifest, scan_dataset
+
+    manifest = make_manifest(scan_dataset(trained_run["data_dir"]), 0.2, seed=42)
+    stored = (trained_run["run_dir"] / store.SPLIT_FILE).read_text()
+    assert manifest.to_json() == stored
+
+
+def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path) -> None:
+    # 7 per class: 18 training images (4 full batches of 4 and a remainder), 3 validation images.
+    data = make_class_folders(tmp_path / "data", per_class=7)
+    script = f"""
+import os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from imgclf_cli.training import train
+result = train({str(data)!r}, runs_dir={str(tmp_path / 'runs')!r}, quiet=True, overrides=[
+    "train.distribute=mirrored", "train.epochs=1", "data.image_size=32", "data.batch_size=4", "model.width=8"])
+from imgclf_cli.store import read_meta
+from pathlib import Path
+meta = read_meta(Path(result.run_dir))
+print(meta["strategy"], meta["num_replicas"], result.status)
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split()[-3:] == ["MirroredStrategy", "2", "completed"]
