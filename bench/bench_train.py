@@ -1,0 +1,148 @@
+"""Benchmark: imgclf's default training vs. TensorFlow's image-classification tutorial CNN.
+
+Both train on the same seeded, stratified split (imgclf's split manifest) of each dataset. The
+tutorial model is re-created faithfully from https://www.tensorflow.org/tutorials/images/classification
+(first version, before its augmentation section): `image_dataset_from_directory` at 180x180,
+batch 32, `cache().shuffle(1000).prefetch(AUTOTUNE)`, Rescaling(1/255), three Conv2D/MaxPooling
+blocks (16, 32, 64 filters), Dense(128), Adam, 10 epochs.
+
+Usage:
+    python bench/bench_train.py                       # flowers128 and hymenoptera from ../shared
+    python bench/bench_train.py PATH [PATH...] --tutorial-epochs 10 --set train.epochs=20
+
+Prints validation accuracy, wall time and training images/s for both. Not a unit test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_DATASETS = [
+    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flowers128",
+    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera",
+]
+
+
+def link_split(samples, classes, target: Path) -> None:  # type: ignore[no-untyped-def]
+    """A class-folder tree of symlinks, so image_dataset_from_directory sees exactly our split."""
+    for sample in samples:
+        folder = target / classes[sample.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / Path(sample.path).name
+        if not link.exists():
+            link.symlink_to(sample.path)
+
+
+def run_tutorial(manifest, epochs: int, workdir: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    import keras
+    import tensorflow as tf
+    from keras import layers
+
+    keras.utils.set_random_seed(123)
+    started = time.perf_counter()
+    link_split(manifest.train, manifest.classes, workdir / "train")
+    link_split(manifest.val, manifest.classes, workdir / "val")
+    image_size = (180, 180)
+    train_ds = keras.utils.image_dataset_from_directory(
+        workdir / "train", seed=123, image_size=image_size, batch_size=32, class_names=manifest.classes, verbose=False
+    )
+    val_ds = keras.utils.image_dataset_from_directory(
+        workdir / "val", seed=123, image_size=image_size, batch_size=32, class_names=manifest.classes,
+        shuffle=False, verbose=False,
+    )
+    autotune = tf.data.AUTOTUNE
+    train_ds = train_ds.cache().shuffle(1000).prefetch(buffer_size=autotune)
+    val_ds = val_ds.cache().prefetch(buffer_size=autotune)
+    model = keras.Sequential([
+        keras.Input((*image_size, 3)),
+        layers.Rescaling(1.0 / 255),
+        layers.Conv2D(16, 3, padding="same", activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, padding="same", activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(64, 3, padding="same", activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.Dense(len(manifest.classes)),
+    ])
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    fit_started = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0)
+    fit_seconds = time.perf_counter() - fit_started
+    val_accuracy = history.history["val_accuracy"]
+    return {
+        "val_accuracy": float(val_accuracy[-1]),
+        "best_val_accuracy": float(max(val_accuracy)),
+        "wall_seconds": time.perf_counter() - started,
+        "images_per_second": len(manifest.train) * epochs / fit_seconds,
+        "epochs": epochs,
+    }
+
+
+def run_imgclf(data_dir: Path, overrides: list[str], runs_dir: Path) -> dict[str, float]:
+    from imgclf_cli.training import train
+
+    started = time.perf_counter()
+    result = train(data_dir, runs_dir=runs_dir, overrides=overrides, quiet=True)
+    return {
+        "val_accuracy": result.val_accuracy,
+        "best_val_accuracy": result.val_accuracy,
+        "wall_seconds": time.perf_counter() - started,
+        "images_per_second": result.num_train * result.epochs_run / result.train_seconds,
+        "epochs": result.epochs_run,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("datasets", nargs="*", type=Path, default=DEFAULT_DATASETS)
+    parser.add_argument("--tutorial-epochs", type=int, default=10)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="imgclf config override")
+    parser.add_argument("--skip-tutorial", action="store_true")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from imgclf_cli.dataset import make_manifest, scan_dataset
+
+    console = Console()
+    table = Table(title="imgclf default vs. TensorFlow tutorial CNN (same split, this machine)")
+    for column in ("dataset", "model", "epochs", "val accuracy", "best val acc", "wall time", "train img/s"):
+        table.add_column(column, justify="left" if column in ("dataset", "model") else "right")
+    for data_dir in args.datasets:
+        manifest = make_manifest(scan_dataset(data_dir), 0.2, seed=42)
+        console.print(f"{data_dir.name}: {len(manifest.train)} train / {len(manifest.val)} val images", highlight=False)
+        workdir = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
+        try:
+            rows = [("imgclf default" + (" " + " ".join(args.overrides) if args.overrides else ""),
+                     run_imgclf(data_dir, args.overrides, workdir / "runs"))]
+            console.print(f"  imgclf: {rows[0][1]}", highlight=False)
+            if not args.skip_tutorial:
+                rows.append(("TF tutorial CNN", run_tutorial(manifest, args.tutorial_epochs, workdir)))
+                console.print(f"  tutorial: {rows[1][1]}", highlight=False)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        for label, figures in rows:
+            table.add_row(
+                data_dir.name, label, str(figures["epochs"]), f"{figures['val_accuracy']:.3f}",
+                f"{figures['best_val_accuracy']:.3f}", f"{figures['wall_seconds']:.0f}s",
+                f"{figures['images_per_second']:.0f}",
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
