@@ -10,7 +10,7 @@ existing model instead, ``--tflite`` to also export the model to .tflite and tim
                                   [--tflite] [--cli]
 
 Reported separately: importing TensorFlow and loading the model in a new process, loading it
-again in this one, the first batch; then the median of ``--repeat`` runs of
+again in this one, a first (warm-up) pass; then the median of ``--repeat`` runs of
 ``imgclf_cli.prediction.predict`` over all images (decoding + inference, files in the OS
 cache), of decoding alone and of inference alone; and, with ``--cli``, the wall time of the
 whole ``imgclf predict`` command in a new process.
@@ -73,7 +73,7 @@ def train_small_model(data_dir: Path, workspace: Path) -> Path:
 
 
 def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: list[str], arguments: argparse.Namespace) -> None:
-    """Print load, first-batch, end-to-end, decode-only and model-only figures for one model."""
+    """Print load, warm-up, end-to-end, decode-only and model-only figures for one model."""
     from imgclf_cli.inference import load_predictor
     from imgclf_cli.prediction import decoded_batches, predict
 
@@ -91,10 +91,11 @@ def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: 
     load_seconds = time.perf_counter() - started
 
     batch_size = arguments.batch_size
-    first = next(decoded_batches(paths[:batch_size], predictor.image_size, batch_size))[1]
+    # One untimed pass first: a model sets itself up on the first batch of each shape (the last
+    # batch is smaller), which would otherwise land in whichever timing runs first.
     started = time.perf_counter()
-    predictor.predict_batch(np.stack(first))
-    first_batch_seconds = time.perf_counter() - started
+    predict(paths, predictor=predictor, batch_size=batch_size)
+    first_pass_seconds = time.perf_counter() - started
 
     end_to_end, decoding, inference = [], [], []
     for _ in range(arguments.repeat):
@@ -120,8 +121,8 @@ def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: 
     print(f"images: {count} from {arguments.data}, batch size {batch_size}, {os.cpu_count()} CPU cores")
     tensorflow_note = f"import tensorflow {import_seconds:.2f} s, then " if needs_tensorflow else "no tensorflow, "
     print(f"new process: {tensorflow_note}load model {cold_load_seconds:.2f} s")
-    print(f"load model again (this process): {load_seconds:6.2f} s")
-    print(f"first batch:                     {first_batch_seconds:6.2f} s")
+    print(f"load model in this process:      {load_seconds:6.2f} s")
+    print(f"first pass (untimed warm-up):    {first_pass_seconds:6.2f} s")
     for name, timings in (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference)):
         median = statistics.median(timings)
         print(f"{name + ':':32s} {median:6.2f} s  {count / median:7.0f} images/s  (median of {len(timings)})")
