@@ -54,6 +54,7 @@ from imgclf_cli.inference import (
     MODEL_METADATA_KEY,
     KerasPredictor,
     Predictor,
+    SavedModelPredictor,
     image_size_of_keras_model,
     load_predictor,
 )
@@ -410,16 +411,33 @@ class Exporter:
         (destination / "assets" / LABELS_TEXT_FILE).write_text("\n".join(self.labels) + "\n", encoding="utf-8")
 
     def onnx(self, destination: Path) -> None:
+        """ONNX through tf2onnx, from the frozen fixed-size function.
+
+        Only the image is an input: constants the model captures (e.g. a ``Normalization``
+        layer's mean and variance) are frozen into the graph, whereas
+        ``tf2onnx.convert.from_function`` would turn them into extra graph inputs.
+        """
         import logging
 
         import onnx
         import tf2onnx
 
+        tf = self.tf
         logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+        concrete = self.probabilities.get_concrete_function()
+        count = len(tf.nest.flatten(concrete.structured_input_signature))
+        input_names = [tensor.name for tensor in concrete.inputs[:count]]
+        output_names = [tensor.name for tensor in concrete.outputs]
         try:
-            with stdout_to_stderr():
-                model_proto, _ = tf2onnx.convert.from_function(
-                    self.probabilities, input_signature=[self.image_spec], opset=ONNX_OPSET
+            with stdout_to_stderr(), quiet_tensorflow_logs():
+                graph_def = tf2onnx.tf_loader.from_function(concrete, input_names, output_names)
+                model_proto, _ = tf2onnx.convert.from_graph_def(
+                    graph_def,
+                    name=f"imgclf_{self.run_id}",
+                    input_names=input_names,
+                    output_names=output_names,
+                    opset=ONNX_OPSET,
+                    tensors_to_rename=tf2onnx.convert.tensor_names_from_structed(concrete, input_names, output_names),
                 )
         except Exception as error:
             raise ModelError(f"ONNX conversion failed: {first_line(error)}") from error
@@ -427,6 +445,20 @@ class Exporter:
         entry.key = MODEL_METADATA_KEY
         entry.value = json.dumps(self.metadata)
         store.atomic_write(destination, lambda temporary: onnx.save(model_proto, str(temporary)), suffix=".onnx")
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_logs() -> Iterator[None]:
+    """Hide TensorFlow's Python deprecation warnings that tf2onnx triggers (not ours to fix)."""
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def embed_tflite_metadata(flatbuffer: bytes, metadata: dict[str, Any]) -> bytes:
@@ -510,9 +542,10 @@ def compare(artifact: ArtifactReport, probabilities: np.ndarray, reference: np.n
 
 
 def check_serving_bytes(
-    version_dir: Path, samples: Sequence[Sample], reference: np.ndarray, truth: np.ndarray
+    loaded: Any, version_dir: Path, samples: Sequence[Sample], reference: np.ndarray, truth: np.ndarray
 ) -> ArtifactReport | None:
-    """Run ``serving_default`` on the files' own bytes, as TF Serving would, against Keras."""
+    """Run ``serving_default`` of the ``loaded`` SavedModel on the files' own bytes, as TF
+    Serving would, against the Keras model."""
     import tensorflow as tf
 
     usable: list[int] = []
@@ -525,7 +558,7 @@ def check_serving_bytes(
     if not usable:
         return None
     payloads = [Path(samples[index].path).read_bytes() for index in usable]
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    signature = loaded.signatures["serving_default"]
     outputs = [
         np.asarray(signature(image_bytes=tf.constant(payloads[start : start + BATCH_SIZE]))["probabilities"], dtype=np.float32)
         for start in range(0, len(payloads), BATCH_SIZE)
@@ -716,5 +749,5 @@ def verify_report(
             continue
         probabilities, artifact.latency_ms = run_predictor(predictor, images)
         compare(artifact, probabilities, reference, truth, THRESHOLDS[artifact.quantize])
-        if artifact.format == "saved_model":
-            report.serving_check = check_serving_bytes(Path(artifact.path), samples, reference, truth)
+        if isinstance(predictor, SavedModelPredictor):
+            report.serving_check = check_serving_bytes(predictor.loaded, Path(artifact.path), samples, reference, truth)
