@@ -72,7 +72,9 @@ def train_small_model(data_dir: Path, workspace: Path) -> Path:
     return Path(result.run_dir)
 
 
-def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: list[str], arguments: argparse.Namespace) -> None:
+def time_model(
+    model: str | None, run: str | None, runs_dir: str | None, paths: list[str], arguments: argparse.Namespace
+) -> None:
     """Print load, warm-up, end-to-end, decode-only and model-only figures for one model."""
     from imgclf_cli.inference import load_predictor
     from imgclf_cli.prediction import decoded_batches, predict
@@ -80,7 +82,10 @@ def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: 
     # Loading in a new process: what a user waits for before the first prediction.
     needs_tensorflow = model is None or not str(model).endswith((".tflite", ".onnx"))
     cold = subprocess.run(
-        [sys.executable, "-c", COLD_LOAD, model or "", "1" if needs_tensorflow else "0", run or "", runs_dir or ""],
+        [
+            sys.executable, "-c", COLD_LOAD,
+            model or "", "1" if needs_tensorflow else "0", run or "", runs_dir or "",
+        ],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )  # fmt: skip
     if cold.returncode != 0:
@@ -106,7 +111,8 @@ def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: 
             raise SystemExit(f"only {report.num_predicted} of {len(paths)} images were predicted")
 
         started = time.perf_counter()
-        decoded = [item for _, batch in decoded_batches(paths, predictor.image_size, batch_size) for item in batch]
+        batches = decoded_batches(paths, predictor.image_size, batch_size)
+        decoded = [item for _, batch in batches for item in batch]
         decoding.append(time.perf_counter() - started)
         images = np.stack(decoded)  # type: ignore[arg-type]
 
@@ -117,13 +123,17 @@ def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: 
 
     count = len(paths)
     height, width = predictor.image_size
-    print(f"\nmodel: {predictor.source} ({type(predictor).__name__}, input {height}x{width}, {len(predictor.labels)} classes)")
+    kind = type(predictor).__name__
+    print(f"\nmodel: {predictor.source} ({kind}, input {height}x{width}, {len(predictor.labels)} classes)")
     print(f"images: {count} from {arguments.data}, batch size {batch_size}, {os.cpu_count()} CPU cores")
-    tensorflow_note = f"import tensorflow {import_seconds:.2f} s, then " if needs_tensorflow else "no tensorflow, "
+    tensorflow_note = "no tensorflow, "
+    if needs_tensorflow:
+        tensorflow_note = f"import tensorflow {import_seconds:.2f} s, then "
     print(f"new process: {tensorflow_note}load model {cold_load_seconds:.2f} s")
     print(f"load model in this process:      {load_seconds:6.2f} s")
     print(f"first pass (untimed warm-up):    {first_pass_seconds:6.2f} s")
-    for name, timings in (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference)):
+    figures = (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference))
+    for name, timings in figures:
         median = statistics.median(timings)
         print(f"{name + ':':32s} {median:6.2f} s  {count / median:7.0f} images/s  (median of {len(timings)})")
 
@@ -140,7 +150,8 @@ def time_model(model: str | None, run: str | None, runs_dir: str | None, paths: 
         wall = time.perf_counter() - started
         if completed.returncode != 0:
             raise SystemExit(completed.stderr)
-        print(f"{'imgclf predict, new process:':32s} {wall:6.2f} s  {count / wall:7.0f} images/s  (start-up and model load included)")
+        label = "imgclf predict, new process:"
+        print(f"{label:32s} {wall:6.2f} s  {count / wall:7.0f} images/s  (start-up and model load included)")
 
 
 def main() -> None:
@@ -149,10 +160,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--model", help="a run folder, .keras, SavedModel, .tflite or .onnx (default: train one)")
+    parser.add_argument(
+        "--model", help="a run folder, .keras, SavedModel, .tflite or .onnx (default: train one)"
+    )
     parser.add_argument("--run", help="a run id or folder (with --runs-dir or $IMGCLF_RUNS_DIR)")
     parser.add_argument("--runs-dir")
-    parser.add_argument("--tflite", action="store_true", help="also export the trained model to .tflite and time it")
+    parser.add_argument(
+        "--tflite", action="store_true", help="also export the model (a run) to .tflite and time it"
+    )
     parser.add_argument("--cli", action="store_true", help="also time the whole `imgclf predict` command")
     arguments = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -168,7 +183,9 @@ def main() -> None:
         if arguments.tflite:
             from imgclf_cli.exporting import export_run
 
-            exported = export_run(model or arguments.run, formats=("tflite",), verify=False, runs_dir=arguments.runs_dir)
+            exported = export_run(
+                model or arguments.run, formats=("tflite",), verify=False, runs_dir=arguments.runs_dir
+            )
             time_model(exported.artifacts[0].path, None, None, paths, arguments)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)

@@ -200,7 +200,9 @@ def compute_metrics(true: np.ndarray, probabilities: np.ndarray, labels: Sequenc
         true, predicted, labels=indices, zero_division=0
     )
     averages = {
-        average: precision_recall_fscore_support(true, predicted, labels=indices, average=average, zero_division=0)
+        average: precision_recall_fscore_support(
+            true, predicted, labels=indices, average=average, zero_division=0
+        )
         for average in ("macro", "weighted")
     }
     top_k = {
@@ -255,7 +257,8 @@ def split_samples(run_dir: Path, labels: list[str]) -> EvaluationSet:
             f"The {split} images of this run are no longer in {manifest.root}",
             "move the dataset back, or evaluate a labelled folder: imgclf evaluate DATA_DIR",
         )
-    return EvaluationSet(split, f"the run's {split} split, from {manifest.root}", samples, manifest.root, split)
+    description = f"the run's {split} split, from {manifest.root}"
+    return EvaluationSet(split, description, samples, manifest.root, split)
 
 
 def folder_name(root: Path, split: str | None) -> str:
@@ -268,7 +271,9 @@ def folder_name(root: Path, split: str | None) -> str:
     return name
 
 
-def folder_samples(data_dir: str | Path, labels: list[str], on_progress: Callable[[int], None] | None = None) -> EvaluationSet:
+def folder_samples(
+    data_dir: str | Path, labels: list[str], on_progress: Callable[[int], None] | None = None
+) -> EvaluationSet:
     """A labelled folder's images with their labels mapped onto the run's label indices.
 
     A class folder the run does not know is an error (listing the mismatch); a run class with
@@ -282,7 +287,8 @@ def folder_samples(data_dir: str | Path, labels: list[str], on_progress: Callabl
             f"The class folders of {scan.root} do not match the run's labels: "
             f"not in the run: {', '.join(unknown)}"
             + (f"; missing from the folder: {', '.join(absent)}" if absent else ""),
-            f"the run was trained on: {', '.join(labels)}; rename the folders or evaluate with the right --run",
+            f"the run was trained on: {', '.join(labels)}; "
+            "rename the folders or evaluate with the right --run",
         )
     to_run = [labels.index(name) for name in scan.classes]
     if scan.layout == "splits":
@@ -315,7 +321,8 @@ def run_model(
     chunks: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
     label_of = {sample.path: sample.label for sample in samples}
-    for chunk, decoded in decoded_batches([sample.path for sample in samples], predictor.image_size, batch_size):
+    paths_in_order = [sample.path for sample in samples]
+    for chunk, decoded in decoded_batches(paths_in_order, predictor.image_size, batch_size):
         probabilities = predict_decoded(predictor, decoded)
         for path, item in zip(chunk, decoded):
             if isinstance(item, UnreadableImage):
@@ -351,7 +358,9 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_outputs(report: EvaluationReport, outcome: Outcome, output_dir: Path, plots: bool = True) -> dict[str, str]:
+def write_outputs(
+    report: EvaluationReport, outcome: Outcome, output_dir: Path, plots: bool = True
+) -> dict[str, str]:
     """Every file of the evaluation, each written atomically; returns ``{file name: path}``."""
     labels = report.labels
     files: dict[str, str] = {}
@@ -361,12 +370,17 @@ def write_outputs(report: EvaluationReport, outcome: Outcome, output_dir: Path, 
         return output_dir / name
 
     matrix_rows = [[label, *counts] for label, counts in zip(labels, report.confusion_matrix)]
-    store.atomic_write_text(target("confusion_matrix.csv"), csv_text(["true\\predicted", *labels], matrix_rows))
+    store.atomic_write_text(
+        target("confusion_matrix.csv"), csv_text(["true\\predicted", *labels], matrix_rows)
+    )
     store.atomic_write_text(
         target("misclassified.csv"),
         csv_text(
             ["path", "true", "predicted", "confidence"],
-            [[entry.path, entry.true, entry.predicted, f"{entry.confidence:.6f}"] for entry in report.misclassified],
+            [
+                [entry.path, entry.true, entry.predicted, f"{entry.confidence:.6f}"]
+                for entry in report.misclassified
+            ],
         ),
     )
     predicted = outcome.probabilities.argmax(axis=1)
@@ -376,7 +390,9 @@ def write_outputs(report: EvaluationReport, outcome: Outcome, output_dir: Path, 
             ["path", "true", "predicted", "confidence", "correct"],
             [
                 [path, labels[true], labels[guess], f"{float(row.max()):.6f}", int(true == guess)]
-                for path, true, guess, row in zip(outcome.paths, outcome.true, predicted, outcome.probabilities)
+                for path, true, guess, row in zip(
+                    outcome.paths, outcome.true, predicted, outcome.probabilities
+                )
             ],
         ),
     )

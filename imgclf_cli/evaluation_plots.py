@@ -50,7 +50,10 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path)
         axis.set_title(title)
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
-        axis.set_xticks(range(size), names, rotation=90 if size > 6 else 45, ha="center" if size > 6 else "right")
+        crowded = size > 6
+        axis.set_xticks(
+            range(size), names, rotation=90 if crowded else 45, ha="center" if crowded else "right"
+        )
         axis.set_yticks(range(size), names)
         if size <= MAX_ANNOTATED_CLASSES:
             for row in range(size):
@@ -86,7 +89,9 @@ def thumbnail(path: str, size: int = THUMBNAIL_SIZE) -> np.ndarray | None:
         return None
 
 
-def plot_misclassified_gallery(entries: Sequence[Misclassified], path: Path, total: int | None = None) -> None:
+def plot_misclassified_gallery(
+    entries: Sequence[Misclassified], path: Path, total: int | None = None
+) -> None:
     """A grid of the most confidently wrong images, each titled with its true and predicted class."""
     from matplotlib import pyplot as plt
 
@@ -155,7 +160,8 @@ def plot_reliability_diagram(bins: Sequence[ReliabilityBin], ece: float, path: P
     axis.set_ylabel("accuracy")
     axis.set_title(f"Reliability diagram (ECE = {ece:.4f}, {len(bins)} bins)")
     axis.legend(loc="upper left")
-    counts_axis.bar(centres, [entry.count for entry in bins], width=width, color="tab:gray", edgecolor="black")
+    counts = [entry.count for entry in bins]
+    counts_axis.bar(centres, counts, width=width, color="tab:gray", edgecolor="black")
     counts_axis.set_xlabel("confidence (top-1 probability)")
     counts_axis.set_ylabel("images")
     figure.tight_layout()

@@ -298,7 +298,9 @@ def predict(
     image file at all.
     """
     if model is not None and run is not None:
-        raise UsageError("Both a model and a run were given", "pass either --model FILE or --run RUN, not both")
+        raise UsageError(
+            "Both a model and a run were given", "pass either --model FILE or --run RUN, not both"
+        )
     entries = collect_paths(paths)
     found = [entry for entry in entries if isinstance(entry, str)]
     if not found:
@@ -321,7 +323,12 @@ def predict(
         on_start(len(found))
     started = time.perf_counter()
     predicted = predict_paths(
-        predictor, found, top_k=top_k, batch_size=batch_size, on_unreadable=on_unreadable, on_progress=on_progress
+        predictor,
+        found,
+        top_k=top_k,
+        batch_size=batch_size,
+        on_unreadable=on_unreadable,
+        on_progress=on_progress,
     )
     predict_seconds = time.perf_counter() - started
     by_path = iter(predicted)

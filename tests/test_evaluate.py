@@ -72,7 +72,8 @@ def test_evaluates_the_validation_split_by_default(run_copy: dict[str, Path], sp
     assert report["run_id"] == run_copy["run_dir"].name
     matrix = np.asarray(report["confusion_matrix"])
     assert matrix.shape == (3, 3) and matrix.sum() == len(manifest.val)
-    assert matrix.sum(axis=1).tolist() == [report["per_class"][label]["support"] for label in report["labels"]]
+    supports = [report["per_class"][label]["support"] for label in report["labels"]]
+    assert matrix.sum(axis=1).tolist() == supports
     assert report["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "ece"):
         assert 0.0 <= report[key] <= 1.0, key
@@ -97,7 +98,9 @@ def test_rich_report_has_tables_and_summary(run_copy: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.output
     stdout = result.stdout
     assert "Per class" in stdout and "Confusion matrix" in stdout
-    assert re.search(r"Accuracy \d\.\d{4}, macro F1 \d\.\d{4}, weighted F1 \d\.\d{4}, ECE \d\.\d{4} on \d+ images", stdout)
+    number = r"\d\.\d{4}"
+    summary = rf"Accuracy {number}, macro F1 {number}, weighted F1 {number}, ECE {number} on \d+ images"
+    assert re.search(summary, stdout)
     for label in CLASS_COLOURS:
         row = next(line for line in stdout.splitlines() if line.startswith(f"│ {label} "))
         # Right-aligned numbers: the support is pushed against the right border of its cell.
@@ -138,7 +141,8 @@ def test_known_answer_matches_an_independent_computation(run_copy: dict[str, Pat
     expected = np.zeros((3, 3), dtype=int)
     for truth, guess in zip(true, predicted):
         expected[truth, guess] += 1
-    assert expected.trace() < expected.sum(), "the mislabelled images must give errors for this test to mean anything"
+    # The mislabelled images must give errors for this test to mean anything.
+    assert expected.trace() < expected.sum()
 
     assert report["num_samples"] == len(files)
     assert report["confusion_matrix"] == expected.tolist()
@@ -184,7 +188,9 @@ def test_class_name_mismatch_is_an_error_listing_it(run_copy: dict[str, Path], t
     assert not (run_copy["run_dir"] / "eval" / "other").exists()
 
 
-def test_folder_with_a_subset_of_classes_warns_and_counts_zero_support(run_copy: dict[str, Path], tmp_path: Path) -> None:
+def test_folder_with_a_subset_of_classes_warns_and_counts_zero_support(
+    run_copy: dict[str, Path], tmp_path: Path
+) -> None:
     colours = {name: CLASS_COLOURS[name] for name in ("red", "green")}
     data = make_class_folders(tmp_path / "test", per_class=3, classes=colours, seed=5)
     result = invoke(str(data), "--run", str(run_copy["run_dir"]), "--json")

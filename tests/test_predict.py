@@ -48,7 +48,8 @@ def predict_json(*args: str) -> tuple[object, list[dict]]:
 
 
 def test_collect_paths_recursive_hidden_globs_and_duplicates(images: Path) -> None:
-    entries = collect_paths([images / "green", images / "red", str(images / "blue" / "*.png"), images / "red" / "red_000.png"])
+    pattern = str(images / "blue" / "*.png")
+    entries = collect_paths([images / "green", images / "red", pattern, images / "red" / "red_000.png"])
     paths = [Path(entry) for entry in entries if isinstance(entry, str)]
     names = [path.name for path in paths]
     assert names == [
@@ -58,7 +59,7 @@ def test_collect_paths_recursive_hidden_globs_and_duplicates(images: Path) -> No
     ]  # fmt: skip
     assert ".hidden.png" not in names and "notes.txt" not in names
     assert len(set(paths)) == len(paths)
-    assert "blue_noext" in [path.name for path in map(Path, collect_paths([images / "blue"]))]  # type: ignore[arg-type]
+    assert "blue_noext" in [Path(str(entry)).name for entry in collect_paths([images / "blue"])]
     missing = collect_paths([images / "absent.png", str(images / "*.nothing")])
     assert [(entry.path, entry.error) for entry in missing] == [  # type: ignore[union-attr]
         (str(images / "absent.png"), "file not found"),
@@ -79,7 +80,8 @@ def test_json_results_match_the_model_one_image_at_a_time(trained_run: dict[str,
         "red_nested.png", "red_000.png", "red_001.png",
     ]  # fmt: skip
     broken = entries[1]
-    assert broken == {"path": str(images / "blue" / "blue_000b.png"), "label": None, "confidence": None, "top_k": [], "error": broken["error"]}
+    assert broken["path"] == str(images / "blue" / "blue_000b.png")
+    assert (broken["label"], broken["confidence"], broken["top_k"]) == (None, None, [])
     assert broken["error"] and "blue_000b.png" in result.stderr and "Warning" in result.stderr
 
     model = keras.saving.load_model(trained_run["run_dir"] / "best.keras", compile=False)
@@ -88,17 +90,20 @@ def test_json_results_match_the_model_one_image_at_a_time(trained_run: dict[str,
         assert set(entry) == {"path", "label", "confidence", "top_k", "error"}
         if entry["error"]:
             continue
-        expected = np.asarray(model(load_image(entry["path"], size)[None].astype("float32"), training=False))[0]
+        image = load_image(entry["path"], size)[None].astype("float32")
+        expected = np.asarray(model(image, training=False))[0]
         assert entry["label"] == LABELS[int(expected.argmax())], entry["path"]
         assert entry["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
         assert [item["label"] for item in entry["top_k"]] == [LABELS[i] for i in np.argsort(-expected)]
         assert entry["top_k"][0] == {"label": entry["label"], "probability": entry["confidence"]}
         probabilities = [item["probability"] for item in entry["top_k"]]
-        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_default_table_output(trained_run: dict[str, Path], images: Path) -> None:
-    result = invoke(str(images / "red"), str(images / "blue" / "blue_000b.png"), "--model", str(trained_run["run_dir"]))
+    broken = str(images / "blue" / "blue_000b.png")
+    result = invoke(str(images / "red"), broken, "--model", str(trained_run["run_dir"]))
     assert result.exit_code == 0, result.output
     for name in ("red_000.png", "red_001.png", "red_nested.png", "blue_000b.png"):
         assert name in result.stdout
@@ -110,10 +115,15 @@ def test_default_table_output(trained_run: dict[str, Path], images: Path) -> Non
 
 
 def test_csv_output_has_stable_columns(trained_run: dict[str, Path], images: Path) -> None:
-    result = invoke(str(images / "green"), "--model", str(trained_run["run_dir"]), "--format", "csv", "--top-k", "2")
+    model = str(trained_run["run_dir"])
+    result = invoke(str(images / "green"), "--model", model, "--format", "csv", "--top-k", "2")
     assert result.exit_code == 0, result.output
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "label", "confidence", "top1_label", "top1_probability", "top2_label", "top2_probability", "error"]
+    assert rows[0] == [
+        "path", "label", "confidence",
+        "top1_label", "top1_probability", "top2_label", "top2_probability",
+        "error",
+    ]  # fmt: skip
     assert len(rows) == 3
     for row in rows[1:]:
         assert row[1] in LABELS and row[3] == row[1] and row[2] == row[4] and row[-1] == ""
@@ -135,18 +145,27 @@ def test_top_k_and_batch_size(trained_run: dict[str, Path], images: Path) -> Non
 
 @pytest.mark.parametrize(
     ("file_name", "extra", "kind"),
-    [("out.json", [], "json"), ("out.csv", [], "csv"), ("out.txt", [], "table"), ("out.txt", ["--format", "csv"], "csv")],
+    [
+        ("out.json", [], "json"),
+        ("out.csv", [], "csv"),
+        ("out.txt", [], "table"),
+        ("out.txt", ["--format", "csv"], "csv"),
+    ],
 )
-def test_output_file(trained_run: dict[str, Path], images: Path, tmp_path: Path, file_name: str, extra: list[str], kind: str) -> None:
+def test_output_file(
+    trained_run: dict[str, Path], images: Path, tmp_path: Path, file_name: str, extra: list[str], kind: str
+) -> None:
     target = tmp_path / file_name
-    result = invoke(str(images / "red"), "--model", str(trained_run["run_dir"]), "--output", str(target), *extra)
+    model = str(trained_run["run_dir"])
+    result = invoke(str(images / "red"), "--model", model, "--output", str(target), *extra)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     assert f"Wrote 3 results ({kind})" in result.stderr
     text = target.read_text()
     if kind == "json":
         entries = json.loads(text)
-        assert [Path(entry["path"]).name for entry in entries] == ["red_nested.png", "red_000.png", "red_001.png"]
+        names = [Path(entry["path"]).name for entry in entries]
+        assert names == ["red_nested.png", "red_000.png", "red_001.png"]
         assert all(entry["label"] in LABELS for entry in entries)
     elif kind == "csv":
         assert text.startswith("path,label,confidence,top1_label")
@@ -158,7 +177,8 @@ def test_output_file(trained_run: dict[str, Path], images: Path, tmp_path: Path,
 def test_model_file_run_id_and_latest(trained_run: dict[str, Path], images: Path) -> None:
     image = str(images / "green" / "green_000.png")
     _, by_file = predict_json(image, "--model", str(trained_run["run_dir"] / "best.keras"))
-    _, by_id = predict_json(image, "--run", trained_run["run_dir"].name, "--runs-dir", str(trained_run["runs_dir"]))
+    runs_dir = str(trained_run["runs_dir"])
+    _, by_id = predict_json(image, "--run", trained_run["run_dir"].name, "--runs-dir", runs_dir)
     _, by_latest = predict_json(image, "--runs-dir", str(trained_run["runs_dir"]))
     assert by_file[0]["label"] == by_id[0]["label"] == by_latest[0]["label"]
     assert by_file[0]["confidence"] == pytest.approx(by_latest[0]["confidence"])
@@ -177,7 +197,10 @@ def test_usage_errors(trained_run: dict[str, Path], images: Path, tmp_path: Path
 
 def test_missing_path_among_readable_ones(trained_run: dict[str, Path], images: Path, tmp_path: Path) -> None:
     result, entries = predict_json(
-        str(images / "red" / "red_000.png"), str(tmp_path / "absent.png"), "--model", str(trained_run["run_dir"])
+        str(images / "red" / "red_000.png"),
+        str(tmp_path / "absent.png"),
+        "--model",
+        str(trained_run["run_dir"]),
     )
     assert [entry["error"] for entry in entries] == [None, "file not found"]
     assert "absent.png: file not found" in result.stderr
@@ -221,7 +244,8 @@ class FakePredictor:
     source = "fake"
 
     def predict_batch(self, images):
-        means = images.reshape(len(images), -1, 3).mean(axis=1)[:, ::-1]  # red, green, blue -> blue, green, red
+        # Mean colour, reordered from (red, green, blue) to the label order (blue, green, red).
+        means = images.reshape(len(images), -1, 3).mean(axis=1)[:, ::-1]
         return (means / means.sum(axis=1, keepdims=True)).astype(np.float32)
 
 report = predict([sys.argv[1]], predictor=FakePredictor(), batch_size=4)

@@ -24,7 +24,8 @@ def evaluate_command(
     data_dir: Annotated[
         Optional[Path],
         typer.Argument(
-            help="A labelled folder (one sub-folder per class, named as the run's classes). "
+            help="A labelled folder: one sub-folder per class, named as the run's classes "
+            "(with train/ val/ test/ sub-folders: its test split, else val). "
             "Default: the run's own test split, or its validation split when the dataset had no test split.",
             exists=True,
             file_okay=False,
@@ -102,10 +103,13 @@ def render_report(report: EvaluationReport) -> None:
         [label, metrics.precision, metrics.recall, metrics.f1, metrics.support]
         for label, metrics in zip(labels, report.per_class.values())
     ]
-    rows.append(["macro avg", report.precision_macro, report.recall_macro, report.f1_macro, report.num_samples])
-    rows.append(["weighted avg", report.precision_weighted, report.recall_weighted, report.f1_weighted, report.num_samples])
+    total = report.num_samples
+    rows.append(["macro avg", report.precision_macro, report.recall_macro, report.f1_macro, total])
+    weighted = [report.precision_weighted, report.recall_weighted, report.f1_weighted]
+    rows.append(["weighted avg", *weighted, total])
     numbers = ["precision", "recall", "f1", "support"]
-    per_class = make_table(["class", *numbers], rows, title=f"Per class ({escape(report.description)})", numeric=numbers)
+    title = f"Per class ({escape(report.description)})"
+    per_class = make_table(["class", *numbers], rows, title=title, numeric=numbers)
     per_class.rows[-3].end_section = True
     out.print(per_class)
 
@@ -120,7 +124,8 @@ def render_report(report: EvaluationReport) -> None:
             )
         )
     else:
-        out.print(f"Confusion matrix: {len(labels)} classes, see {escape(str(Path(report.output_dir) / 'confusion_matrix.csv'))}")
+        matrix_file = escape(str(Path(report.output_dir) / "confusion_matrix.csv"))
+        out.print(f"Confusion matrix: {len(labels)} classes, see {matrix_file}")
 
     top_k = "".join(f", top-{k} {value:.4f}" for k, value in report.top_k_accuracy.items())
     out.print(

@@ -62,20 +62,30 @@ def predict_command(
     ] = None,
     runs_dir: RunsDirOption = None,
     top_k: Annotated[
-        int, typer.Option("--top-k", help="How many classes to list per image (at most the number of classes).", min=1)
+        int,
+        typer.Option(
+            "--top-k", help="How many classes to list per image (at most the number of classes).", min=1
+        ),
     ] = 3,
     output_format: Annotated[
         Optional[OutputFormat],
         typer.Option(
             "--format",
-            help="table, json (one array) or csv. Default: from the --output extension (.json, .csv), else table.",
+            help="table, json (one array) or csv. "
+            "Default: from the --output extension (.json, .csv), else table.",
             case_sensitive=False,
             show_default=False,
         ),
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Write the results to this file instead of stdout.", dir_okay=False, show_default=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the results to this file instead of stdout.",
+            dir_okay=False,
+            show_default=False,
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 32,
 ) -> None:
@@ -92,7 +102,9 @@ def predict_command(
     from imgclf_cli.prediction import predict
 
     if run is not None and model is not None:
-        raise UsageError("--run and --model were both given", "pass either --model FILE or --run RUN, not both")
+        raise UsageError(
+            "--run and --model were both given", "pass either --model FILE or --run RUN, not both"
+        )
     chosen = resolve_format(output_format, output)
     with progress_callbacks("Predicting") as (on_start, on_progress):
         report = predict(
@@ -110,7 +122,8 @@ def predict_command(
         from imgclf_cli.store import atomic_write_text
 
         atomic_write_text(output, render(report, chosen))
-        err.print(f"Wrote {len(report.results)} results ({chosen.value}) to {escape(str(output))}", highlight=False)
+        written = f"Wrote {len(report.results)} results ({chosen.value}) to {escape(str(output))}"
+        err.print(written, highlight=False)
     elif chosen is OutputFormat.table:
         out.print(results_table(report))
     else:
