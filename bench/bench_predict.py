@@ -9,8 +9,8 @@ existing model instead, ``--tflite`` to also export the model to .tflite and tim
     python bench/bench_predict.py [--images 1000] [--batch-size 32] [--model PATH] [--repeat 3]
                                   [--tflite] [--cli]
 
-Reported separately: importing TensorFlow and loading the model in a new process, loading it
-again in this one, a first (warm-up) pass; then the median of ``--repeat`` runs of
+Reported separately: importing TensorFlow and loading the model in a new process, a first
+(warm-up) pass; then the median of ``--repeat`` runs of
 ``imgclf_cli.prediction.predict`` over all images (decoding + inference, files in the OS
 cache), of decoding alone and of inference alone; and, with ``--cli``, the wall time of the
 whole ``imgclf predict`` command in a new process.
@@ -91,9 +91,7 @@ def time_model(
     if cold.returncode != 0:
         raise SystemExit(cold.stderr)
     import_seconds, cold_load_seconds = (float(value) for value in cold.stdout.split()[-2:])
-    started = time.perf_counter()
     predictor = load_predictor(model=model, run=run, runs_dir=runs_dir)
-    load_seconds = time.perf_counter() - started
 
     batch_size = arguments.batch_size
     # One untimed pass first: a model sets itself up on the first batch of each shape (the last
@@ -130,7 +128,6 @@ def time_model(
     if needs_tensorflow:
         tensorflow_note = f"import tensorflow {import_seconds:.2f} s, then "
     print(f"new process: {tensorflow_note}load model {cold_load_seconds:.2f} s")
-    print(f"load model in this process:      {load_seconds:6.2f} s")
     print(f"first pass (untimed warm-up):    {first_pass_seconds:6.2f} s")
     figures = (("predict (decode + model)", end_to_end), ("decode only", decoding), ("model only", inference))
     for name, timings in figures:
