@@ -9,6 +9,7 @@ from the last completed epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -315,7 +316,7 @@ def prepare_new_run(
     data_dir: str | Path, config: Config, runs_dir: str | Path | None, name: str | None, quiet: bool
 ) -> tuple[Path, SplitManifest, DatasetScan]:
     started = time.perf_counter()
-    with err.status("Scanning images...") if not quiet and err.is_terminal else _nullcontext():
+    with err.status("Scanning images...") if not quiet and err.is_terminal else contextlib.nullcontext():
         scan = scan_dataset(data_dir)
     manifest = make_manifest(scan, config.data.validation_split, config.seed)
     config.resolve_image_size(scan.median_short_side)
@@ -345,14 +346,6 @@ def prepare_new_run(
         skipped_files=skipped_as_dicts(scan.skipped),
     )
     return run_dir, manifest, scan
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
 
 
 def prepare_resume(reference: str, runs_dir: str | Path | None) -> tuple[Path, dict[str, Any], SplitManifest]:
@@ -424,6 +417,8 @@ def train(
     strategy = choose_strategy(config)
     failures = DecodeFailures()
     cache_dir = run_dir / ".cache"
+    # A disk cache left by an interrupted run is incomplete (and locked): start it afresh.
+    shutil.rmtree(cache_dir, ignore_errors=True)
     num_classes = len(manifest.classes)
     common = dict(
         image_size=config.image_size,
@@ -503,6 +498,7 @@ def train(
     except KeyboardInterrupt:
         if progress:
             progress.stop()
+        shutil.rmtree(cache_dir, ignore_errors=True)
         finish_run(run_dir, state, store.STATUS_INTERRUPTED, previous_seconds + time.perf_counter() - started, skipped + skipped_as_dicts(failures.entries()))
         done = len(state.history)
         raise TrainingInterrupted(
