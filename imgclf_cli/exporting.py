@@ -30,6 +30,7 @@ carrying the full report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import random
@@ -388,10 +389,30 @@ class Exporter:
                 "predicted_class": tf.gather(class_names, tf.argmax(probabilities, axis=1)),
             }
 
+        def decode_jpeg(data: Any) -> Any:
+            # As Pillow in load_image: accurate integer IDCT (TensorFlow's default is the fast,
+            # less accurate one), and a JPEG much larger than the model is decoded at 1/2, 1/4 or
+            # 1/8 scale, the same reduction Pillow's draft mode picks.
+            shape = tf.io.extract_jpeg_shape(data)
+            longest = max(height, width)
+            scale = tf.minimum(shape[1] // longest, shape[0] // longest)
+            branch = tf.reduce_sum(tf.cast(scale >= tf.constant([2, 4, 8], dtype=scale.dtype), tf.int32))
+            return tf.switch_case(
+                branch,
+                [
+                    functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+                    for ratio in (1, 2, 4, 8)
+                ],
+            )
+
         def decode(data: Any) -> Any:
             # As imgclf_cli.images.load_image: RGB, first frame, bilinear antialiased resize,
-            # rounded back to 8-bit pixels.
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            # rounded back to 8-bit pixels. (EXIF orientation is not applied.)
+            image = tf.cond(
+                tf.io.is_jpeg(data),
+                lambda: decode_jpeg(data),
+                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+            )
             image = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
             image = tf.cast(tf.saturate_cast(tf.round(image), tf.uint8), tf.float32)
             image.set_shape((height, width, 3))
@@ -482,6 +503,10 @@ def embed_tflite_metadata(flatbuffer: bytes, metadata: dict[str, Any]) -> bytes:
     builder = flatbuffers.Builder(len(flatbuffer) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    store.atomic_write(path, lambda temporary: temporary.write_bytes(data), suffix=path.suffix)
 
 
 def replace_directory(source: Path, destination: Path) -> None:
@@ -641,7 +666,8 @@ def export_run(
     meta = store.read_meta(run_dir)
     warnings: list[str] = []
 
-    # Read the images first: a moved dataset should fail before minutes of conversion.
+    # The split and the images are read before any conversion: a run whose dataset moved
+    # fails in seconds, not after minutes of work.
     needs_calibration = "int8" in plan.modes
     manifest = read_manifest(run_dir) if (verify or needs_calibration) else None
 
@@ -698,7 +724,7 @@ def export_run(
             flatbuffer, conversion_warnings = exporter.tflite(mode, calibration, plan.int8_io)
             warnings.extend(conversion_warnings)
             path = output / (TFLITE_INT8_IO_FILE if mode == "int8" and plan.int8_io else TFLITE_FILES[mode])
-            store.atomic_write(path, lambda temporary: temporary.write_bytes(flatbuffer), suffix=".tflite")
+            write_bytes(path, flatbuffer)
             artifacts.append(ArtifactReport("tflite", mode, str(path), len(flatbuffer)))
 
     report = ExportReport(

@@ -163,6 +163,27 @@ def test_saved_model_has_tf_serving_layout_and_both_signatures(exported: dict[st
     np.testing.assert_allclose(from_floats["probabilities"].numpy(), expected, atol=1e-5)
 
 
+def test_saved_model_decodes_large_jpegs_like_training(exported: dict[str, Any], tmp_path: Path) -> None:
+    """JPEGs several times the model size take Pillow's reduced-scale path in load_image."""
+    import tensorflow as tf
+
+    from imgclf_cli.inference import load_predictor
+
+    _, images = validation_images(exported["run_dir"], limit=3)
+    height, width = image_size(exported["run_dir"])
+    paths = []
+    for index, image in enumerate(images):
+        path = tmp_path / f"large_{index}.jpg"
+        Image.fromarray(image).resize((width * 5, height * 5), Image.Resampling.BICUBIC).save(path, quality=92)
+        paths.append(path)
+    decoded = np.stack([load_image(path, (height, width)) for path in paths])
+    expected = load_predictor(run=str(exported["run_dir"])).predict_batch(decoded)
+
+    loaded = tf.saved_model.load(str(exported["output"] / "saved_model" / "1"))
+    served = loaded.signatures["serving_default"](image_bytes=tf.constant([path.read_bytes() for path in paths]))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=0.02)
+
+
 def test_onnx_model_runs_with_onnxruntime(exported: dict[str, Any]) -> None:
     import onnxruntime
 
