@@ -81,8 +81,9 @@ class KerasPredictor:
     batch_size: int = 64
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
-        # Calling the model directly avoids predict()'s per-call dataset overhead on small batches.
-        probabilities = self.model(images.astype("float32"), training=False)
+        # predict_on_batch runs a compiled (tf.function) step: several times faster than an eager
+        # model call, and without predict()'s per-call dataset set-up.
+        probabilities = self.model.predict_on_batch(images.astype("float32"))
         return np.asarray(probabilities, dtype=np.float32)
 
 
