@@ -141,7 +141,7 @@ def main() -> None:
         models = [run_dir / store.BEST_MODEL_FILE, output / "saved_model", output / "model.tflite", output / "model_int8.tflite", output / "model.onnx"]
         for model in models:
             seconds, label = predict_wall_time(model, image, arguments.repeat)
-            print(f"| {model.relative_to(model.parents[1]).as_posix() if model.is_dir() else model.name} | {seconds:.2f} | {label} |")
+            print(f"| {model.name + '/' if model.is_dir() else model.name} | {seconds:.2f} | {label} |")
 
 
 def validation_paths(run_dir: Path) -> list[str]:
