@@ -259,3 +259,8 @@ def test_light_commands_do_not_import_tensorflow() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "none"
+
+
+def test_readme_config_reference_is_current() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert documented_yaml() in readme, "README's config reference is stale: paste `imgclf train --print-config`"
