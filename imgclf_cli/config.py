@@ -59,7 +59,7 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
+    epochs: int = 12
     learning_rate: float = 0.002
     weight_decay: float = 0.0001
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
