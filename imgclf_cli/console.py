@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -73,3 +74,33 @@ def print_skipped_files(skipped: Sequence[dict[str, str]], limit: int = 20) -> N
         err.print(f"  {entry['path']}: {entry['reason']}", highlight=False, markup=False)
     if len(skipped) > limit:
         err.print(f"  ... and {len(skipped) - limit} more", highlight=False)
+
+
+@contextmanager
+def progress_callbacks(
+    description: str, quiet: bool = False
+) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
+    """A progress bar on stderr when a person watches it (``Loading model`` until the images
+    start); no callbacks otherwise."""
+    if quiet or not progress_enabled():
+        yield None, None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("Loading model", total=None)
+
+        def on_start(total: int) -> None:
+            progress.update(task, description=description, total=total)
+
+        def on_progress(count: int) -> None:
+            progress.advance(task, count)
+
+        yield on_start, on_progress

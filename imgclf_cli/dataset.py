@@ -128,14 +128,8 @@ def probe_files(
     return results
 
 
-def scan_dataset(
-    data_dir: str | Path, on_progress: Callable[[int], None] | None = None
-) -> DatasetScan:
-    """Find classes and readable images under ``data_dir``.
-
-    Files whose header is not a supported image are skipped and listed in ``skipped``; a class
-    folder without a readable image, a single class, or no images at all is a ``DatasetError``.
-    """
+def resolve_dataset_root(data_dir: str | Path) -> Path:
+    """The absolute dataset folder; a ``DatasetError`` when it is missing or not a folder."""
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise DatasetError(
@@ -144,7 +138,18 @@ def scan_dataset(
         )
     if not root.is_dir():
         raise DatasetError(f"Dataset path is not a folder: {root}", "pass the folder that holds the class folders")
-    root = root.resolve()
+    return root.resolve()
+
+
+def scan_dataset(
+    data_dir: str | Path, on_progress: Callable[[int], None] | None = None
+) -> DatasetScan:
+    """Find classes and readable images under ``data_dir``.
+
+    Files whose header is not a supported image are skipped and listed in ``skipped``; a class
+    folder without a readable image, a single class, or no images at all is a ``DatasetError``.
+    """
+    root = resolve_dataset_root(data_dir)
     split_dirs = detect_split_dirs(root)
     layout = "splits" if split_dirs else "folders"
     split_roots = split_dirs or {"all": root}

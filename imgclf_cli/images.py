@@ -127,10 +127,3 @@ def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
         raise
     except DECODE_ERRORS as error:
         raise UnreadableImage(path, describe_error(error)) from error
-
-
-def load_image_bytes(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
-    """Like ``load_image`` for an image held in memory."""
-    import io
-
-    return load_image(io.BytesIO(data), image_size)  # type: ignore[arg-type]

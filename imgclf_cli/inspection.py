@@ -44,6 +44,7 @@ from imgclf_cli.dataset import (
     class_dirs,
     detect_split_dirs,
     is_hidden_or_system,
+    resolve_dataset_root,
 )
 from imgclf_cli.errors import DatasetError, UsageError
 from imgclf_cli.images import (
@@ -279,7 +280,7 @@ def inspect_dataset(
             f"the default {DEFAULT_HASH_DISTANCE} finds re-encoded and resized copies",
         )
     started = time.perf_counter()
-    root = resolve_root(data_dir)
+    root = resolve_dataset_root(data_dir)
     listing = list_dataset_files(root)
     layout, pending = listing.layout, listing.files
     class_names = listing.class_names
@@ -375,20 +376,6 @@ def inspect_dataset(
     report.findings = make_findings(report)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def resolve_root(data_dir: str | Path) -> Path:
-    root = Path(data_dir).expanduser()
-    if not root.exists():
-        raise DatasetError(
-            f"Dataset folder not found: {root}",
-            "pass a folder that holds one sub-folder of images per class",
-        )
-    if not root.is_dir():
-        raise DatasetError(
-            f"Dataset path is not a folder: {root}", "pass the folder that holds the class folders"
-        )
-    return root.resolve()
 
 
 @dataclass

@@ -104,8 +104,9 @@ def small_cnn_features(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
     for index, filters in enumerate((width * 2, width * 4, width * 8)):
         shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
         shortcut = layers.BatchNormalization(momentum=0.9)(shortcut)
-        for _ in range(2):
-            x = layers.Activation("relu")(x) if _ else x
+        for repeat in range(2):
+            if repeat:
+                x = layers.Activation("relu")(x)
             x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
             x = layers.BatchNormalization(momentum=0.9)(x)
         x = layers.MaxPooling2D(3, strides=2, padding="same")(x)

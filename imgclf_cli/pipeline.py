@@ -41,11 +41,6 @@ class DecodeFailures:
         with self._lock:
             return [SkippedFile(path, reason) for path, reason in sorted(self._entries.items())]
 
-    def __contains__(self, path: str) -> bool:
-        with self._lock:
-            return path in self._entries
-
-
 def available_memory_bytes() -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -11,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption
-from imgclf_cli.console import err, make_table, out, print_json, progress_enabled, warn
+from imgclf_cli.console import err, make_table, out, print_json, progress_callbacks, warn
 
 if TYPE_CHECKING:
     from imgclf_cli.evaluation import EvaluationReport
@@ -65,36 +63,6 @@ def evaluate_command(
         print_json(report.to_dict())
         return
     render_report(report)
-
-
-@contextmanager
-def progress_callbacks(
-    description: str, quiet: bool = False
-) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
-    """A progress bar on stderr when a person watches it (``Loading model`` until the images
-    start); no callbacks otherwise."""
-    if quiet or not progress_enabled():
-        yield None, None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("Loading model", total=None)
-
-        def on_start(total: int) -> None:
-            progress.update(task, description=description, total=total)
-
-        def on_progress(count: int) -> None:
-            progress.advance(task, count)
-
-        yield on_start, on_progress
 
 
 def render_report(report: EvaluationReport) -> None:

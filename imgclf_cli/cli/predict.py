@@ -15,9 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from imgclf_cli.cli.evaluate import progress_callbacks
 from imgclf_cli.cli.options import RunsDirOption
-from imgclf_cli.console import err, make_table, out, warn
+from imgclf_cli.console import err, make_table, out, progress_callbacks, warn
 from imgclf_cli.errors import DatasetError
 
 if TYPE_CHECKING:
