@@ -78,7 +78,9 @@ def make_dataset(
     """Batches of ``(uint8 images, labels)``; the model rescales and augments them itself.
 
     ``cache``: ``memory``, ``disk`` (needs ``cache_dir``), ``none`` or ``auto``.
-    Evaluation datasets (``training=False``) keep the order of ``samples``.
+    Training datasets (``training=True``) reshuffle and repeat forever in full batches: the
+    caller gives ``fit`` a number of steps per epoch. Evaluation datasets keep the order of
+    ``samples`` and end after one pass.
     """
     height, width = image_size
     paths = [sample.path for sample in samples]
@@ -118,10 +120,24 @@ def make_dataset(
         image_bytes = height * width * 3
         buffer = len(paths) if cache == "memory" else max(256, min(len(paths), SHUFFLE_BUFFER_BYTES // image_bytes))
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        # An endless stream of full batches: Keras then keeps one iterator for the whole fit
+        # instead of building one per epoch and running it dry, which cost 1-5 s per epoch
+        # on small datasets, and a single batch shape means a single trace of the train step.
+        # (repeat() of a stream with no decodable image ends instead of spinning.)
+        dataset = dataset.repeat()
+        drop_remainder = True
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if one_hot:
         dataset = dataset.map(
             lambda images, batch_labels: (images, tf.one_hot(batch_labels, num_classes)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    if not training:
+        # Keras builds a new iterator over the validation data every epoch. Dropping an old
+        # iterator whose autotuner thread is alive blocked for ~2 s each time (TF 2.21, seen
+        # in training on 2 cores); without the autotuner, AUTOTUNE means "one thread per core".
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        dataset = dataset.with_options(options)
+    return dataset

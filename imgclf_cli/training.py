@@ -156,12 +156,28 @@ class RunRecorder(keras.callbacks.Callback):
         self.console_rows = console_rows
         self.epoch_started = 0.0
         self.stopped_early = False
+        self.train_batches = 0
+        self.val_batches = 0
+        # "training" or "validation" when that stream held no decodable image at all.
+        self.empty_split: str | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch_started = time.perf_counter()
+        self.train_batches = self.val_batches = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.train_batches += 1
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.val_batches += 1
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
+        if not self.train_batches or not self.val_batches:
+            # Every file passed the header scan but none decoded: an epoch of NaNs, not a result.
+            self.empty_split = "training" if not self.train_batches else "validation"
+            self.model.stop_training = True
+            return
         row = {
             "epoch": epoch + 1,
             "loss": float(logs.get("loss", math.nan)),
@@ -447,7 +463,7 @@ def train(
                 highlight=False,
             )
     val_data = make_dataset(manifest.val, training=False, cache_name="val", drop_remainder=replicas > 1, **common)
-    steps_per_epoch = max(1, math.ceil(len(manifest.train) / config.data.batch_size))
+    steps_per_epoch = max(1, math.ceil(len(manifest.train) / common["batch_size"]))
 
     with strategy.scope():
         if initial_epoch:
@@ -494,7 +510,10 @@ def train(
                 # of batches in advance and warns about it; that is expected here.
                 warnings.filterwarnings("ignore", message=".*ran out of data.*")
                 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-                fit(model, train_data, val_data, config, initial_epoch, class_weights_for(config, manifest), callbacks)
+                fit(
+                    model, train_data, val_data, config, initial_epoch, steps_per_epoch,
+                    class_weights_for(config, manifest), callbacks,
+                )
     except KeyboardInterrupt:
         if progress:
             progress.stop()
@@ -515,6 +534,15 @@ def train(
         progress.stop()
     train_seconds = previous_seconds + time.perf_counter() - started
     all_skipped = skipped + skipped_as_dicts(failures.entries())
+    if recorder.empty_split:
+        finish_run(run_dir, state, store.STATUS_FAILED, train_seconds, all_skipped)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        first = failures.entries()[0] if failures.entries() else None
+        raise DatasetError(
+            f"None of the {recorder.empty_split} images could be decoded"
+            + (f" (e.g. {first.path}: {first.reason})" if first else ""),
+            "check that the files are complete, readable images (imgclf inspect-dataset lists the broken ones)",
+        )
     if not state.history:
         raise DatasetError("No epoch completed", "check that the dataset holds readable images")
     finish_run(run_dir, state, store.STATUS_COMPLETED, train_seconds, all_skipped)
@@ -545,6 +573,7 @@ def fit(
     val_data: tf.data.Dataset,
     config: Config,
     initial_epoch: int,
+    steps_per_epoch: int,
     class_weight: dict[int, float] | None,
     callbacks: list[keras.callbacks.Callback],
 ) -> None:
@@ -553,6 +582,7 @@ def fit(
         validation_data=val_data,
         epochs=config.train.epochs,
         initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch,
         class_weight=class_weight,
         callbacks=callbacks,
         verbose=0,

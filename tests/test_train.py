@@ -85,6 +85,24 @@ def test_bad_images_are_skipped_and_reported(tmp_path: Path, runs_dir: Path) -> 
     assert summary["num_train"] + summary["num_val"] == 24 + 3  # every readable image used
 
 
+def test_dataset_whose_images_all_fail_to_decode_is_a_clear_error(tmp_path: Path, runs_dir: Path) -> None:
+    """Truncated JPEGs pass the header scan; training must then fail cleanly, not crash."""
+    rng = np.random.default_rng(2)
+    for name in ("ants", "bees"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(5):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+            encoded = buffer.getvalue()
+            (tmp_path / "data" / name / f"{index}.jpg").write_bytes(encoded[: len(encoded) // 2])
+    exit_code, _, stderr = train_cli(str(tmp_path / "data"), *TINY_TRAINING[:2], "--image-size", "32")
+    assert exit_code == 1, stderr
+    assert "Error: None of the training images could be decoded" in stderr
+    assert "Traceback" not in stderr
+    (run_dir,) = runs_dir.iterdir()
+    assert json.loads((run_dir / store.META_FILE).read_text())["status"] == "failed"
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
