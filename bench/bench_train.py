@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--tutorial-epochs", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="imgclf config override")
     parser.add_argument("--skip-tutorial", action="store_true")
+    parser.add_argument(
+        "--tutorial-first", action="store_true", help="train the tutorial CNN first (order effects in one process)"
+    )
     args = parser.parse_args()
 
     from rich.console import Console
@@ -127,12 +130,15 @@ def main() -> None:
         console.print(f"{data_dir.name}: {len(manifest.train)} train / {len(manifest.val)} val images", highlight=False)
         workdir = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
         try:
-            rows = [("imgclf default" + (" " + " ".join(args.overrides) if args.overrides else ""),
-                     run_imgclf(data_dir, args.overrides, workdir / "runs"))]
-            console.print(f"  imgclf: {rows[0][1]}", highlight=False)
+            label = "imgclf default" + (" " + " ".join(args.overrides) if args.overrides else "")
+            jobs = [(label, lambda: run_imgclf(data_dir, args.overrides, workdir / "runs"))]
             if not args.skip_tutorial:
-                rows.append(("TF tutorial CNN", run_tutorial(manifest, args.tutorial_epochs, workdir)))
-                console.print(f"  tutorial: {rows[1][1]}", highlight=False)
+                tutorial = ("TF tutorial CNN", lambda: run_tutorial(manifest, args.tutorial_epochs, workdir))
+                jobs.insert(0 if args.tutorial_first else 1, tutorial)
+            rows = []
+            for name, job in jobs:
+                rows.append((name, job()))
+                console.print(f"  {name}: {rows[-1][1]}", highlight=False)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         for label, figures in rows:
