@@ -188,9 +188,11 @@ class RunRecorder(keras.callbacks.Callback):
             "seconds": time.perf_counter() - self.epoch_started,
         }
         improved = self.state.record(row)
+        last = self.run_dir / store.LAST_CHECKPOINT_FILE
+        save_model_atomically(self.model, last)
         if improved:
-            save_model_atomically(self.model, self.run_dir / store.BEST_MODEL_FILE)
-        save_model_atomically(self.model, self.run_dir / store.LAST_CHECKPOINT_FILE)
+            # The same weights: copying the file is cheaper than serialising the model again.
+            store.atomic_write(self.run_dir / store.BEST_MODEL_FILE, lambda temporary: shutil.copyfile(last, temporary))
         write_history(self.run_dir, self.state.history)
         store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
         self.console_rows.print_row(row, improved)
