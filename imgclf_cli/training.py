@@ -509,8 +509,8 @@ def train(
             if progress:
                 progress.start()
             with warnings.catch_warnings():
-                # Undecodable files are filtered out of the stream, so Keras cannot know the number
-                # of batches in advance and warns about it; that is expected here.
+                # Undecodable files are filtered out of the validation stream, so Keras cannot know
+                # its number of batches in advance and warns about it; that is expected here.
                 warnings.filterwarnings("ignore", message=".*ran out of data.*")
                 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
                 fit(
