@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="imgclf config override")
     parser.add_argument("--skip-tutorial", action="store_true")
     parser.add_argument(
-        "--tutorial-first", action="store_true", help="train the tutorial CNN first (order effects in one process)"
+        "--tutorial-first", action="store_true",
+        help="train the tutorial CNN first (the first model in a process pays start-up costs)",
     )
     args = parser.parse_args()
 

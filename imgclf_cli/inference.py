@@ -128,7 +128,11 @@ def read_tflite_metadata(model_content: bytes) -> dict[str, Any]:
 
 
 def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
+    """The CPU cores this process may run on (a container or taskset may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass

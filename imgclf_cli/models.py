@@ -149,8 +149,8 @@ def canonical_model_name(name: str) -> str:
 def augmentation(config: AugmentConfig, seed: int) -> list[layers.Layer]:
     """Random transforms, active only in training (``model.fit``), identity at inference."""
     stack: list[layers.Layer] = []
-    geometric = (config.horizontal_flip, config.vertical_flip, config.rotation > 0, config.zoom > 0, config.translation > 0)
-    if any(geometric):
+    flips = config.horizontal_flip or config.vertical_flip
+    if flips or max(config.rotation, config.zoom, config.translation) > 0:
         stack.append(
             RandomAffine(
                 horizontal_flip=config.horizontal_flip,

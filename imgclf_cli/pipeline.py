@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from imgclf_cli.dataset import Sample, SkippedFile
 from imgclf_cli.images import UnreadableImage, load_image
+from imgclf_cli.inference import default_threads
 
 # Decoded images held in memory may use at most this share of the available RAM.
 MEMORY_CACHE_SHARE = 0.3
@@ -42,13 +43,6 @@ class DecodeFailures:
     def entries(self) -> list[SkippedFile]:
         with self._lock:
             return [SkippedFile(path, reason) for path, reason in sorted(self._entries.items())]
-
-
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def available_memory_bytes() -> int:
@@ -114,7 +108,7 @@ def make_dataset(
     if training:
         # Shuffle file names first: cheap, and it decorrelates classes before a bounded buffer.
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=False)
-    dataset = dataset.map(decode_element, num_parallel_calls=usable_cores(), deterministic=True)
+    dataset = dataset.map(decode_element, num_parallel_calls=default_threads(), deterministic=True)
     dataset = dataset.filter(lambda image, label, ok: ok)
     dataset = dataset.map(lambda image, label, ok: (image, label))
 

@@ -192,7 +192,8 @@ class RunRecorder(keras.callbacks.Callback):
         save_model_atomically(self.model, last)
         if improved:
             # The same weights: copying the file is cheaper than serialising the model again.
-            store.atomic_write(self.run_dir / store.BEST_MODEL_FILE, lambda temporary: shutil.copyfile(last, temporary))
+            best_path = self.run_dir / store.BEST_MODEL_FILE
+            store.atomic_write(best_path, lambda temporary: shutil.copyfile(last, temporary))
         write_history(self.run_dir, self.state.history)
         store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
         self.console_rows.print_row(row, improved)
@@ -454,7 +455,8 @@ def train(
         train_batch = max(replicas, min(config.data.batch_size, len(manifest.train)) // replicas * replicas)
         val_batch = max(replicas, min(train_batch, len(manifest.val) // replicas * replicas))
         common["batch_size"] = train_batch
-    train_data = make_dataset(manifest.train, training=True, cache_name="train", drop_remainder=replicas > 1, **common)
+    # Training batches are always full (see make_dataset), as MirroredStrategy needs.
+    train_data = make_dataset(manifest.train, training=True, cache_name="train", **common)
     if replicas > 1:
         common["batch_size"] = val_batch
         left_out = len(manifest.val) % val_batch
@@ -544,7 +546,8 @@ def train(
         raise DatasetError(
             f"None of the {recorder.empty_split} images could be decoded"
             + (f" (e.g. {first.path}: {first.reason})" if first else ""),
-            "check that the files are complete, readable images (imgclf inspect-dataset lists the broken ones)",
+            "check that the files are complete, readable images "
+            "(imgclf inspect-dataset lists the broken ones)",
         )
     if not state.history:
         raise DatasetError("No epoch completed", "check that the dataset holds readable images")

@@ -19,7 +19,9 @@ def gradient_images(count: int = 16, size: int = 24) -> np.ndarray:
 
 def test_random_affine_is_identity_at_inference() -> None:
     images = gradient_images()
-    layer = RandomAffine(horizontal_flip=True, vertical_flip=True, rotation=0.2, zoom=0.3, translation=0.2, seed=1)
+    layer = RandomAffine(
+        horizontal_flip=True, vertical_flip=True, rotation=0.2, zoom=0.3, translation=0.2, seed=1
+    )
     np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
 
 
