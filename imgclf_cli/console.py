@@ -11,10 +11,13 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -76,6 +79,32 @@ def print_skipped_files(skipped: Sequence[dict[str, str]], limit: int = 20) -> N
         err.print(f"  ... and {len(skipped) - limit} more", highlight=False)
 
 
+def make_progress(*, counts: bool = True, metrics: bool = False) -> Progress:
+    """The one progress display of every command, on stderr and gone when done.
+
+    ``counts``: a bar with ``done/total`` (work of known size); otherwise a spinner (steps of
+    unknown length). ``metrics`` adds a column for a task's ``metrics`` field (running loss...).
+    Callers decide whether to show it at all (``progress_enabled()``).
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns: list[Any] = (
+        [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        if counts
+        else [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+    )
+    if metrics:
+        columns.append(TextColumn("{task.fields[metrics]}"))
+    return Progress(*columns, console=err, transient=True)
+
+
 @contextmanager
 def progress_callbacks(
     description: str, quiet: bool = False
@@ -85,16 +114,7 @@ def progress_callbacks(
     if quiet or not progress_enabled():
         yield None, None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
+    with make_progress() as progress:
         task = progress.add_task("Loading model", total=None)
 
         def on_start(total: int) -> None:
@@ -104,3 +124,18 @@ def progress_callbacks(
             progress.advance(task, count)
 
         yield on_start, on_progress
+
+
+@contextmanager
+def status_callback(first_message: str, quiet: bool = False) -> Iterator[Callable[[str], None] | None]:
+    """``on_status(message)`` for steps of unknown length: a spinner line on a terminal, one
+    plain line per step when stderr is a file or pipe, nothing when ``quiet``."""
+    if quiet:
+        yield None
+        return
+    if not progress_enabled():
+        yield info
+        return
+    with make_progress(counts=False) as progress:
+        task = progress.add_task(first_message, total=None)
+        yield lambda message: progress.update(task, description=message)

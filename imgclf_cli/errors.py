@@ -38,6 +38,10 @@ class RunNotFoundError(ImgclfError):
     """A run that does not exist in the store."""
 
 
+class RunFileError(RunNotFoundError):
+    """A file of a run folder that is missing or damaged (the message names it)."""
+
+
 class ModelError(ImgclfError):
     """An unknown model name or a model file that cannot be loaded."""
 

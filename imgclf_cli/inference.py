@@ -15,7 +15,6 @@ metadata ``imgclf``), into the ONNX model (metadata property ``imgclf``), into t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +23,7 @@ import numpy as np
 
 from imgclf_cli import store
 from imgclf_cli.errors import ModelError
+from imgclf_cli.resources import default_threads
 
 # Name of the metadata entry (TFLite) / metadata property (ONNX) that ``imgclf export`` writes:
 # a JSON object with "labels" (class names in index order) and "image_size" ([height, width]).
@@ -125,14 +125,6 @@ def read_tflite_metadata(model_content: bytes) -> dict[str, Any]:
             except (ValueError, TypeError):
                 return {}
     return {}
-
-
-def default_threads() -> int:
-    """The CPU cores this process may run on (a container or taskset may allow fewer than exist)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass

@@ -9,7 +9,6 @@ the stream and recorded in a ``DecodeFailures`` log instead of stopping training
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import tensorflow as tf
 
 from imgclf_cli.dataset import Sample, SkippedFile
 from imgclf_cli.images import UnreadableImage, load_image
-from imgclf_cli.inference import default_threads
+from imgclf_cli.resources import available_memory_bytes, default_threads
 
 # Decoded images held in memory may use at most this share of the available RAM.
 MEMORY_CACHE_SHARE = 0.3
@@ -43,20 +42,6 @@ class DecodeFailures:
     def entries(self) -> list[SkippedFile]:
         with self._lock:
             return [SkippedFile(path, reason) for path, reason in sorted(self._entries.items())]
-
-
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 * 1024**3
 
 
 def cache_fits_in_memory(num_images: int, image_size: tuple[int, int]) -> bool:

@@ -5,16 +5,23 @@ Layout of a run folder (``<runs-dir>/<YYYYmmdd-HHMMSS>-<model>[-<name>]``)::
     config.yaml      resolved training config
     labels.json      class names in index order
     split.json       the split manifest (which file is in train / val / test)
-    best.keras       the best model (lowest validation loss)
+    best.keras       the best model (highest validation accuracy, ties broken by lower
+                     validation loss), without optimizer state: the deployment artifact
     last.keras       the last completed epoch, with optimizer state (for --resume)
     history.csv      one row per epoch
     meta.json        status, library versions, dataset fingerprint, timings, results
     plots/           training curves (PNG)
     eval/, export/   written by `imgclf evaluate` and `imgclf export`
+
+This module is the only one that knows these names: every other module reads and writes a run
+through the accessors below, and each accessor fails with one ``RunFileError`` naming the file
+when it is missing or damaged.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -22,9 +29,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imgclf_cli.errors import RunNotFoundError
+from imgclf_cli.errors import RunFileError, RunNotFoundError
+
+if TYPE_CHECKING:
+    from imgclf_cli.config import Config
+    from imgclf_cli.dataset import SplitManifest
 
 RUNS_DIR_ENV = "IMGCLF_RUNS_DIR"
 DEFAULT_RUNS_DIR = "runs"
@@ -39,6 +50,10 @@ META_FILE = "meta.json"
 PLOTS_DIR = "plots"
 EVAL_DIR = "eval"
 EXPORT_DIR = "export"
+CACHE_DIR = ".cache"
+TRAINING_CURVES_FILE = "training_curves.png"
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
@@ -79,7 +94,9 @@ def create_run_dir(root: Path, model_name: str, name: str | None = None) -> Path
 def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
     """Write through ``write(temporary_path)`` then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent
+    )
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -106,14 +123,47 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def damaged(path: Path, error: BaseException) -> RunFileError:
+    reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    return RunFileError(
+        f"{path} is damaged ({reason})",
+        "the run folder was modified or not written completely; train a new run or restore the file",
+    )
+
+
+def missing(path: Path, hint: str = "is it a complete imgclf run folder?") -> RunFileError:
+    return RunFileError(f"{path.parent.name} has no {path.name} (looked for {path})", hint)
+
+
+def read_run_json(path: Path) -> Any:
+    """A JSON file of a run: ``RunFileError`` when it is missing or not valid JSON."""
+    if not path.is_file():
+        raise missing(path)
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as error:
+        raise damaged(path, error) from None
+
+
 def read_meta(run_dir: Path) -> dict[str, Any]:
+    """``meta.json`` (``{}`` before the run's first write of it); damaged: ``RunFileError``."""
     path = run_dir / META_FILE
     if not path.is_file():
         return {}
+    document = read_run_json(path)
+    if not isinstance(document, dict):
+        raise damaged(path, ValueError(f"expected a JSON object, found {type(document).__name__}"))
+    return document
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The status recorded in ``meta.json``; ``None`` when it is missing or unreadable (a listing
+    of many runs must not stop at one damaged file)."""
     try:
-        return dict(read_json(path))
-    except (OSError, ValueError):
-        return {}
+        status = read_meta(run_dir).get("status")
+    except RunFileError:
+        return None
+    return str(status) if status is not None else None
 
 
 def update_meta(run_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -124,10 +174,113 @@ def update_meta(run_dir: Path, **fields: Any) -> dict[str, Any]:
 
 
 def read_labels(run_dir: Path) -> list[str]:
+    """The class names in the model's output order (``labels.json``)."""
     path = run_dir / LABELS_FILE
+    labels = read_run_json(path)
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise damaged(path, ValueError("expected a non-empty list of class names"))
+    return labels
+
+
+def write_labels(run_dir: Path, labels: list[str]) -> None:
+    atomic_write_json(run_dir / LABELS_FILE, labels)
+
+
+def read_manifest(run_dir: Path, hint: str | None = None) -> SplitManifest:
+    """Which file is in train / val / test (``split.json``); ``hint`` says what to do without it."""
+    from imgclf_cli.dataset import SplitManifest
+
+    path = run_dir / SPLIT_FILE
     if not path.is_file():
-        raise RunNotFoundError(f"{run_dir} has no {LABELS_FILE}", "is it an imgclf run folder?")
-    return [str(label) for label in read_json(path)]
+        raise missing(path, hint or "is it a complete imgclf run folder?")
+    try:
+        return SplitManifest.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise damaged(path, error) from None
+
+
+def write_manifest(run_dir: Path, manifest: SplitManifest) -> None:
+    atomic_write_text(run_dir / SPLIT_FILE, manifest.to_json())
+
+
+def read_config_values(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.yaml`` as nested values (resolve them with ``config.resolve_config``)."""
+    import yaml
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise missing(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise damaged(path, error) from None
+    if not isinstance(values, dict):
+        raise damaged(path, ValueError("expected a mapping of config keys"))
+    return values
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """One row per completed epoch (``history.csv``); ``[]`` before the first epoch ends."""
+    path = run_dir / HISTORY_FILE
+    if not path.is_file():
+        return []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return [
+                {key: float(value) for key, value in row.items() if value not in (None, "")}
+                for row in csv.DictReader(handle)
+            ]
+    except (OSError, ValueError, csv.Error) as error:
+        raise damaged(path, error) from None
+
+
+def write_history(run_dir: Path, rows: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()}
+        )
+    atomic_write_text(run_dir / HISTORY_FILE, buffer.getvalue())
+
+
+def best_model_path(run_dir: Path) -> Path:
+    """``best.keras``, which must exist (a run that completed at least one epoch)."""
+    path = run_dir / BEST_MODEL_FILE
+    if not path.is_file():
+        raise missing(path, "its training did not complete an epoch; use another run (--run RUN)")
+    return path
+
+
+def last_checkpoint_path(run_dir: Path) -> Path:
+    """``last.keras`` (the model with optimizer state); it may not exist yet."""
+    return run_dir / LAST_CHECKPOINT_FILE
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return last_checkpoint_path(run_dir).is_file()
+
+
+def training_curves_path(run_dir: Path) -> Path:
+    return run_dir / PLOTS_DIR / TRAINING_CURVES_FILE
+
+
+def cache_dir(run_dir: Path) -> Path:
+    """Where a disk cache of decoded images lives while the run trains."""
+    return run_dir / CACHE_DIR
+
+
+def eval_dir(run_dir: Path, dataset_name: str) -> Path:
+    return run_dir / EVAL_DIR / dataset_name
+
+
+def export_dir(run_dir: Path) -> Path:
+    return run_dir / EXPORT_DIR
 
 
 def is_run_dir(path: Path) -> bool:
@@ -138,7 +291,8 @@ def list_runs(root: Path) -> list[Path]:
     """Run folders under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    return sorted((child for child in root.iterdir() if child.is_dir() and is_run_dir(child)), key=lambda p: p.name)
+    runs = (child for child in root.iterdir() if child.is_dir() and is_run_dir(child))
+    return sorted(runs, key=lambda path: path.name)
 
 
 def resolve_run(reference: str | Path | None, runs_dir: str | Path | None = None) -> Path:
@@ -146,7 +300,7 @@ def resolve_run(reference: str | Path | None, runs_dir: str | Path | None = None
     root = runs_root(runs_dir)
     reference = str(reference or "latest")
     if reference == "latest":
-        completed = [run for run in list_runs(root) if read_meta(run).get("status") == STATUS_COMPLETED]
+        completed = [run for run in list_runs(root) if run_status(run) == STATUS_COMPLETED]
         if not completed:
             raise RunNotFoundError(
                 f"No completed run in {root}",
