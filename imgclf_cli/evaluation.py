@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from imgclf_cli import store
-from imgclf_cli.dataset import DatasetScan, Sample, SplitManifest, scan_dataset
-from imgclf_cli.errors import DatasetError, ImgclfError, RunNotFoundError
+from imgclf_cli.dataset import DatasetScan, Sample, scan_dataset
+from imgclf_cli.errors import DatasetError, ImgclfError
 from imgclf_cli.images import UnreadableImage
-from imgclf_cli.inference import Predictor, load_predictor
+from imgclf_cli.inference import Predictor, load_keras_predictor
 from imgclf_cli.prediction import decoded_batches, predict_decoded
 
 ECE_BINS = 15
@@ -236,13 +236,7 @@ def compute_metrics(true: np.ndarray, probabilities: np.ndarray, labels: Sequenc
 
 def split_samples(run_dir: Path, labels: list[str]) -> EvaluationSet:
     """The run's own held-out images: its ``test`` split when it has one, else ``val``."""
-    path = run_dir / store.SPLIT_FILE
-    if not path.is_file():
-        raise RunNotFoundError(
-            f"{run_dir} has no {store.SPLIT_FILE}, so its validation images are unknown",
-            "pass a labelled folder: imgclf evaluate DATA_DIR",
-        )
-    manifest = SplitManifest.from_json(path.read_text(encoding="utf-8"))
+    manifest = store.read_manifest(run_dir, hint="pass a labelled folder: imgclf evaluate DATA_DIR")
     if list(manifest.classes) != labels:
         raise ImgclfError(
             f"The split manifest of {run_dir} lists classes {manifest.classes}, but labels.json has {labels}",
@@ -324,7 +318,7 @@ def run_model(
     paths_in_order = [sample.path for sample in samples]
     for chunk, decoded in decoded_batches(paths_in_order, predictor.image_size, batch_size):
         probabilities = predict_decoded(predictor, decoded)
-        for path, item in zip(chunk, decoded):
+        for path, item in zip(chunk, decoded, strict=True):
             if isinstance(item, UnreadableImage):
                 skipped.append({"path": path, "reason": item.reason})
             else:
@@ -369,7 +363,7 @@ def write_outputs(
         files[name] = str(output_dir / name)
         return output_dir / name
 
-    matrix_rows = [[label, *counts] for label, counts in zip(labels, report.confusion_matrix)]
+    matrix_rows = [[label, *counts] for label, counts in zip(labels, report.confusion_matrix, strict=True)]
     store.atomic_write_text(
         target("confusion_matrix.csv"), csv_text(["true\\predicted", *labels], matrix_rows)
     )
@@ -391,7 +385,7 @@ def write_outputs(
             [
                 [path, labels[true], labels[guess], f"{float(row.max()):.6f}", int(true == guess)]
                 for path, true, guess, row in zip(
-                    outcome.paths, outcome.true, predicted, outcome.probabilities
+                    outcome.paths, outcome.true, predicted, outcome.probabilities, strict=True
                 )
             ],
         ),
@@ -432,18 +426,19 @@ def evaluate(
     started = time.perf_counter()
     run_dir = store.resolve_run(run, runs_dir)
     labels = store.read_labels(run_dir)
-    if not (run_dir / store.BEST_MODEL_FILE).is_file():
-        raise RunNotFoundError(
-            f"{run_dir} has no {store.BEST_MODEL_FILE} (did its training complete an epoch?)",
-            "evaluate another run with --run RUN",
-        )
+    model_path = store.best_model_path(run_dir)
     chosen = folder_samples(data_dir, labels) if data_dir is not None else split_samples(run_dir, labels)
     warn = on_warning or (lambda text: None)
     for text in chosen.warnings:
         warn(text)
-    predictor = load_predictor(model=run_dir)
-    if list(predictor.labels) != labels:
-        raise ImgclfError(f"The model of {run_dir} has labels {predictor.labels}, expected {labels}")
+    predictor = load_keras_predictor(model_path, labels)
+    num_outputs = predictor.model.outputs[0].shape[-1]
+    if num_outputs != len(labels):
+        raise ImgclfError(
+            f"The model of {run_dir.name} predicts {num_outputs} classes, "
+            f"but its {store.LABELS_FILE} lists {len(labels)}",
+            "the run folder was modified; restore labels.json or train the run again",
+        )
     if on_start:
         on_start(len(chosen.samples))
     outcome = run_model(predictor, chosen.samples, batch_size, on_progress)
@@ -454,7 +449,7 @@ def evaluate(
         raise DatasetError(f"None of the {len(chosen.samples)} images of {chosen.description} could be read")
 
     metrics = compute_metrics(outcome.true, outcome.probabilities, labels)
-    output_dir = run_dir / store.EVAL_DIR / chosen.name
+    output_dir = store.eval_dir(run_dir, chosen.name)
     report = EvaluationReport(
         run_id=run_dir.name,
         run_dir=str(run_dir),
@@ -463,7 +458,7 @@ def evaluate(
         data_dir=chosen.data_dir,
         split=chosen.split,
         output_dir=str(output_dir),
-        model=str(run_dir / store.BEST_MODEL_FILE),
+        model=str(model_path),
         labels=labels,
         num_samples=len(outcome.paths),
         misclassified=misclassified_images(outcome, labels),

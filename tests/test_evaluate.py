@@ -274,3 +274,14 @@ def test_expected_calibration_error_bins() -> None:
     assert ece == pytest.approx(0.5 * abs(1.0 - 0.95) + 0.5 * abs(0.5 - 0.55))
     assert sum(entry.count for entry in bins) == 8
     assert [entry.count for entry in bins if entry.count] == [4, 4]
+
+
+def test_labels_that_do_not_match_the_model_are_an_error(run_copy: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "relabelled"
+    shutil.copytree(run_copy["run_dir"], run_dir, ignore=shutil.ignore_patterns("eval"))
+    labels = json.loads((run_dir / "labels.json").read_text())
+    (run_dir / "labels.json").write_text(json.dumps([*labels, "purple"]))
+    result = invoke(str(run_copy["data_dir"]), "--run", str(run_dir))
+    assert result.exit_code == 1
+    assert "predicts 3 classes" in result.stderr and "lists 4" in result.stderr
+    assert "Traceback" not in result.output

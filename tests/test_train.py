@@ -161,7 +161,7 @@ def test_interrupt_then_resume_continues_from_last_epoch(
     (run_dir,) = store.list_runs(runs_dir)
     assert store.read_meta(run_dir)["status"] == "interrupted"
     assert (run_dir / store.LAST_CHECKPOINT_FILE).is_file()
-    assert len(training.read_history(run_dir)) == 2
+    assert len(store.read_history(run_dir)) == 2
     with pytest.raises(Exception, match="No completed run"):
         store.resolve_run("latest", runs_dir)  # an interrupted run is not "latest"
 
@@ -171,7 +171,7 @@ def test_interrupt_then_resume_continues_from_last_epoch(
     summary = json.loads(stdout)
     assert summary["run_dir"] == str(run_dir)
     assert summary["epochs_run"] == 4
-    assert [row["epoch"] for row in training.read_history(run_dir)] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in store.read_history(run_dir)] == [1, 2, 3, 4]
     assert store.read_meta(run_dir)["status"] == "completed"
 
 
@@ -198,7 +198,7 @@ def test_class_weights() -> None:
     from imgclf_cli.config import resolve_config
     from imgclf_cli.dataset import Sample, SplitManifest
     from imgclf_cli.errors import ImgclfError
-    from imgclf_cli.training import class_weights_for
+    from imgclf_cli.training_recipe import class_weights_for
 
     train = [Sample(f"a{i}", 0) for i in range(30)] + [Sample(f"b{i}", 1) for i in range(10)]
     manifest = SplitManifest("/", "folders", ["a", "b"], train, [])
@@ -209,23 +209,6 @@ def test_class_weights() -> None:
     assert explicit == {0: 1.0, 1: 5.0}
     with pytest.raises(ImgclfError, match="unknown class"):
         class_weights_for(resolve_config(overrides=["train.class_weights={c: 5}"]), manifest)
-
-
-def test_run_dirs_are_unique_and_writes_atomic(tmp_path: Path) -> None:
-    first = store.create_run_dir(tmp_path, "imgclf-cnn")
-    second = store.create_run_dir(tmp_path, "imgclf-cnn")
-    assert first != second and first.is_dir() and second.is_dir()
-    target = tmp_path / "file.json"
-    store.atomic_write_json(target, {"a": 1})
-
-    def failing_write(path: Path) -> None:
-        path.write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        store.atomic_write(target, failing_write)
-    assert json.loads(target.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["file.json"]
 
 
 def test_same_seed_gives_same_split(tmp_path: Path, trained_run: dict) -> None:
@@ -246,7 +229,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from imgclf_cli.training import train
-result = train({str(data)!r}, runs_dir={str(tmp_path / 'runs')!r}, quiet=True, overrides=[
+result = train({str(data)!r}, runs_dir={str(tmp_path / "runs")!r}, overrides=[
     "train.distribute=mirrored", "train.epochs=1", "data.image_size=32", "data.batch_size=4", "model.width=8"])
 from imgclf_cli.store import read_meta
 from pathlib import Path
@@ -256,3 +239,79 @@ print(meta["strategy"], meta["num_replicas"], result.status)
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.split()[-3:] == ["MirroredStrategy", "2", "completed"]
+
+
+def test_best_model_has_no_optimizer_state_and_last_checkpoint_has(trained_run: dict) -> None:
+    import zipfile
+
+    import h5py
+
+    run_dir: Path = trained_run["run_dir"]
+
+    def saved_groups(name: str) -> set[str]:
+        with zipfile.ZipFile(run_dir / name) as archive:
+            with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+                return set(weights.keys())
+
+    assert "optimizer" not in saved_groups(store.BEST_MODEL_FILE)
+    assert "optimizer" in saved_groups(store.LAST_CHECKPOINT_FILE)
+    best_size = (run_dir / store.BEST_MODEL_FILE).stat().st_size
+    assert best_size < 0.7 * (run_dir / store.LAST_CHECKPOINT_FILE).stat().st_size
+
+
+def test_train_library_prints_nothing_and_reports_through_the_listener(
+    tmp_path: Path, runs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imgclf_cli.training import train
+    from imgclf_cli.training_events import EpochEnded, TrainingListener, TrainingStarted
+
+    class Recorder(TrainingListener):
+        def __init__(self) -> None:
+            self.events: list[str] = []
+            self.epochs: list[EpochEnded] = []
+            self.batches = 0
+
+        def on_status(self, message: str) -> None:
+            self.events.append("status")
+
+        def on_training_start(self, event: TrainingStarted) -> None:
+            self.events.append(f"start {event.num_train}+{event.num_val} {event.total_epochs}")
+
+        def on_batch_end(self, step: int, loss: float, accuracy: float) -> None:
+            self.batches += 1
+
+        def on_epoch_end(self, event: EpochEnded) -> None:
+            self.epochs.append(event)
+
+        def on_finish(self) -> None:
+            self.events.append("finish")
+
+    data = make_class_folders(tmp_path / "data", per_class=5)
+    capsys.readouterr()
+    listener = Recorder()
+    result = train(data, overrides=["train.epochs=2", "data.image_size=32", "data.batch_size=4", "model.width=8"],
+                   listener=listener)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert listener.events == ["status", "start 12+3 2", "finish"]
+    assert [event.epoch for event in listener.epochs] == [1, 2]
+    assert listener.epochs[0].improved  # the first epoch is always the best so far
+    assert listener.batches == 2 * 3  # 12 training images in batches of 4
+    assert result.best_epoch in (1, 2) and result.epochs_run == 2
+
+
+def test_run_dirs_are_unique_and_writes_atomic(tmp_path: Path) -> None:
+    first = store.create_run_dir(tmp_path, "imgclf-cnn")
+    second = store.create_run_dir(tmp_path, "imgclf-cnn")
+    assert first != second and first.is_dir() and second.is_dir()
+    target = tmp_path / "file.json"
+    store.atomic_write_json(target, {"a": 1})
+
+    def failing_write(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        store.atomic_write(target, failing_write)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["file.json"]

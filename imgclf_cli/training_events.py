@@ -1,0 +1,85 @@
+"""What ``train()`` reports while it runs, for whoever wants to show it.
+
+The training library never draws anything itself. It calls the methods of a
+``TrainingListener``: ``imgclf train`` passes one that renders them with Rich (bars on a
+terminal, one line per epoch), a notebook or another tool may pass its own, and without one
+training is silent. Standard library only, so a listener can be written without TensorFlow.
+
+Example::
+
+    from imgclf_cli.training import train
+    from imgclf_cli.training_events import EpochEnded, TrainingListener
+
+    class PrintEpochs(TrainingListener):
+        def on_epoch_end(self, event: EpochEnded) -> None:
+            print(event.epoch, event.val_accuracy)
+
+    train("flowers", listener=PrintEpochs())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainingStarted:
+    """Sent once, when the model is built and the first epoch is about to run."""
+
+    run_id: str
+    run_dir: str
+    model_name: str
+    num_classes: int
+    num_train: int
+    num_val: int
+    total_epochs: int
+    initial_epoch: int
+    """Epochs already completed (non-zero when a run is resumed)."""
+    steps_per_epoch: int
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    """One completed epoch: the row written to ``history.csv``, and whether it is the new best."""
+
+    epoch: int
+    """1-based."""
+    total_epochs: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float
+    seconds: float
+    improved: bool
+
+
+class TrainingListener:
+    """Receives ``train()``'s events; every method does nothing unless overridden.
+
+    Methods are called from the thread that called ``train()``.
+    """
+
+    def on_status(self, message: str) -> None:
+        """A step of unknown length has started (e.g. ``Scanning images...``)."""
+
+    def on_info(self, message: str) -> None:
+        """A note worth a line (e.g. how validation batches are split across replicas)."""
+
+    def on_warning(self, message: str) -> None:
+        """Something the user should know that does not stop training."""
+
+    def on_training_start(self, event: TrainingStarted) -> None:
+        """The model is built; epochs start next."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Epoch ``epoch`` (1-based) starts."""
+
+    def on_batch_end(self, step: int, loss: float, accuracy: float) -> None:
+        """Training step ``step`` (1-based, within the epoch) ended, with running metrics."""
+
+    def on_epoch_end(self, event: EpochEnded) -> None:
+        """An epoch ended and its checkpoint and history row are written."""
+
+    def on_finish(self) -> None:
+        """``train()`` is about to return or raise: stop any live display."""
