@@ -298,20 +298,3 @@ def test_train_library_prints_nothing_and_reports_through_the_listener(
     assert listener.epochs[0].improved  # the first epoch is always the best so far
     assert listener.batches == 2 * 3  # 12 training images in batches of 4
     assert result.best_epoch in (1, 2) and result.epochs_run == 2
-
-
-def test_run_dirs_are_unique_and_writes_atomic(tmp_path: Path) -> None:
-    first = store.create_run_dir(tmp_path, "imgclf-cnn")
-    second = store.create_run_dir(tmp_path, "imgclf-cnn")
-    assert first != second and first.is_dir() and second.is_dir()
-    target = tmp_path / "file.json"
-    store.atomic_write_json(target, {"a": 1})
-
-    def failing_write(path: Path) -> None:
-        path.write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        store.atomic_write(target, failing_write)
-    assert json.loads(target.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["file.json"]
