@@ -16,6 +16,7 @@ Prints validation accuracy, wall time and training images/s for both. Not a unit
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -51,28 +52,40 @@ def run_tutorial(manifest, epochs: int, workdir: Path) -> dict[str, float]:  # t
     link_split(manifest.val, manifest.classes, workdir / "val")
     image_size = (180, 180)
     train_ds = keras.utils.image_dataset_from_directory(
-        workdir / "train", seed=123, image_size=image_size, batch_size=32, class_names=manifest.classes, verbose=False
+        workdir / "train",
+        seed=123,
+        image_size=image_size,
+        batch_size=32,
+        class_names=manifest.classes,
+        verbose=False,
     )
     val_ds = keras.utils.image_dataset_from_directory(
-        workdir / "val", seed=123, image_size=image_size, batch_size=32, class_names=manifest.classes,
-        shuffle=False, verbose=False,
+        workdir / "val",
+        seed=123,
+        image_size=image_size,
+        batch_size=32,
+        class_names=manifest.classes,
+        shuffle=False,
+        verbose=False,
     )
     autotune = tf.data.AUTOTUNE
     train_ds = train_ds.cache().shuffle(1000).prefetch(buffer_size=autotune)
     val_ds = val_ds.cache().prefetch(buffer_size=autotune)
-    model = keras.Sequential([
-        keras.Input((*image_size, 3)),
-        layers.Rescaling(1.0 / 255),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Flatten(),
-        layers.Dense(128, activation="relu"),
-        layers.Dense(len(manifest.classes)),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((*image_size, 3)),
+            layers.Rescaling(1.0 / 255),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(len(manifest.classes)),
+        ]
+    )
     model.compile(
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -106,13 +119,16 @@ def run_imgclf(data_dir: Path, overrides: list[str], runs_dir: Path) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("datasets", nargs="*", type=Path, default=DEFAULT_DATASETS)
     parser.add_argument("--tutorial-epochs", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="imgclf config override")
     parser.add_argument("--skip-tutorial", action="store_true")
     parser.add_argument(
-        "--tutorial-first", action="store_true",
+        "--tutorial-first",
+        action="store_true",
         help="train the tutorial CNN first (the first model in a process pays start-up costs)",
     )
     args = parser.parse_args()
@@ -128,13 +144,19 @@ def main() -> None:
         table.add_column(column, justify="left" if column in ("dataset", "model") else "right")
     for data_dir in args.datasets:
         manifest = make_manifest(scan_dataset(data_dir), 0.2, seed=42)
-        console.print(f"{data_dir.name}: {len(manifest.train)} train / {len(manifest.val)} val images", highlight=False)
+        console.print(
+            f"{data_dir.name}: {len(manifest.train)} train / {len(manifest.val)} val images", highlight=False
+        )
         workdir = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
         try:
             label = "imgclf default" + (" " + " ".join(args.overrides) if args.overrides else "")
-            jobs = [(label, lambda: run_imgclf(data_dir, args.overrides, workdir / "runs"))]
+            runs = workdir / "runs"
+            jobs = [(label, functools.partial(run_imgclf, data_dir, args.overrides, runs))]
             if not args.skip_tutorial:
-                tutorial = ("TF tutorial CNN", lambda: run_tutorial(manifest, args.tutorial_epochs, workdir))
+                tutorial = (
+                    "TF tutorial CNN",
+                    functools.partial(run_tutorial, manifest, args.tutorial_epochs, workdir),
+                )
                 jobs.insert(0 if args.tutorial_first else 1, tutorial)
             rows = []
             for name, job in jobs:
@@ -144,8 +166,12 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
         for label, figures in rows:
             table.add_row(
-                data_dir.name, label, str(figures["epochs"]), f"{figures['val_accuracy']:.3f}",
-                f"{figures['best_val_accuracy']:.3f}", f"{figures['wall_seconds']:.0f}s",
+                data_dir.name,
+                label,
+                str(figures["epochs"]),
+                f"{figures['val_accuracy']:.3f}",
+                f"{figures['best_val_accuracy']:.3f}",
+                f"{figures['wall_seconds']:.0f}s",
                 f"{figures['images_per_second']:.0f}",
             )
     console.print(table)

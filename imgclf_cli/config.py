@@ -22,8 +22,8 @@ DEFAULT_MODEL = "imgclf-cnn"
 
 @dataclass
 class DataConfig:
-    image_size: Union[Literal["auto"], int, list[int]] = "auto"
-    """Input size: auto, one number (square) or [height, width]. auto: 224 for pretrained backbones; for imgclf-cnn the images' median short side, rounded up to a multiple of 16, between 32 and 128."""
+    image_size: Literal["auto"] | int | list[int] = "auto"
+    """Input size: auto, one number (square) or [height, width]. auto: 224 for pretrained backbones; for imgclf-cnn the images' median short side, rounded up to a multiple of 16, between 32 and 128."""  # noqa: E501 (one line: it is the --print-config comment)
     batch_size: int = 32
     validation_split: float = 0.2
     """Fraction of each class held out for validation when the dataset has no val/ folder."""
@@ -66,7 +66,7 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "constant", "plateau"] = "cosine"
     warmup_epochs: int = 1
     label_smoothing: float = 0.1
-    class_weights: Union[Literal["none", "auto"], dict[str, float]] = "auto"
+    class_weights: Literal["none", "auto"] | dict[str, float] = "auto"
     """none, auto (inverse class frequency when classes are imbalanced) or {class: weight}."""
     early_stopping_patience: int = 8
     """Epochs without val_loss improvement before stopping (0 turns early stopping off)."""
@@ -204,9 +204,7 @@ def apply_values(target: Any, values: dict[str, Any], prefix: str = "") -> None:
         try:
             converted = coerce(value, hint)
         except ValueError:
-            raise ConfigError(
-                f"Config key '{dotted}' expects {describe_type(hint)}, got {value!r}"
-            ) from None
+            raise ConfigError(f"Config key '{dotted}' expects {describe_type(hint)}, got {value!r}") from None
         setattr(target, key, converted)
 
 
@@ -214,7 +212,9 @@ def validate(config: Config) -> None:
     """Range checks that types alone cannot express."""
     size = config.data.image_size
     if isinstance(size, list) and len(size) != 2:
-        raise ConfigError(f"Config key 'data.image_size' expects auto, one number or [height, width], got {size!r}")
+        raise ConfigError(
+            f"Config key 'data.image_size' expects auto, one number or [height, width], got {size!r}"
+        )
     sides = [] if size == "auto" else ([size] if isinstance(size, int) else size)
     checks = [
         (all(8 <= side <= 4096 for side in sides), "data.image_size", "sizes between 8 and 4096"),
@@ -280,7 +280,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ConfigError(f"Invalid YAML in {path}{where}: {problem}", "fix the syntax of the config file") from None
+        raise ConfigError(
+            f"Invalid YAML in {path}{where}: {problem}", "fix the syntax of the config file"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"Config file {path} is not UTF-8 text", "pass a YAML file") from None
     if document is None:
@@ -346,7 +348,7 @@ def attribute_docs(config_type: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for previous, node in zip(body, body[1:]):
+    for previous, node in zip(body, body[1:], strict=False):
         if (
             isinstance(previous, ast.AnnAssign)
             and isinstance(previous.target, ast.Name)

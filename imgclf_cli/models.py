@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from imgclf_cli.config import AugmentConfig, Config, DEFAULT_MODEL
+from imgclf_cli.config import DEFAULT_MODEL, AugmentConfig, Config
 from imgclf_cli.errors import ModelError
 
 
@@ -207,7 +207,9 @@ def backbone_preprocessing(x: keras.KerasTensor, kind: str) -> keras.KerasTensor
             mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_normalize"
         )(x)
     # caffe: BGR, mean subtracted, no scaling
-    x = layers.Normalization(mean=(123.68, 116.779, 103.939), variance=(1.0, 1.0, 1.0), name="imagenet_mean")(x)
+    x = layers.Normalization(mean=(123.68, 116.779, 103.939), variance=(1.0, 1.0, 1.0), name="imagenet_mean")(
+        x
+    )
     return ReverseChannels(name="rgb_to_bgr")(x)
 
 

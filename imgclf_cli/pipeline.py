@@ -98,7 +98,9 @@ def make_dataset(
     dataset = dataset.map(lambda image, label, ok: (image, label))
 
     if cache == "auto":
-        cache = "memory" if cache_fits_in_memory(len(paths), image_size) else ("disk" if cache_dir else "none")
+        cache = (
+            "memory" if cache_fits_in_memory(len(paths), image_size) else ("disk" if cache_dir else "none")
+        )
     if cache == "memory":
         dataset = dataset.cache()
     elif cache == "disk" and cache_dir is not None:
@@ -107,7 +109,11 @@ def make_dataset(
 
     if training:
         image_bytes = height * width * 3
-        buffer = len(paths) if cache == "memory" else max(256, min(len(paths), SHUFFLE_BUFFER_BYTES // image_bytes))
+        buffer = (
+            len(paths)
+            if cache == "memory"
+            else max(256, min(len(paths), SHUFFLE_BUFFER_BYTES // image_bytes))
+        )
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         # An endless stream of full batches: Keras keeps one iterator for the whole fit rather
         # than one per epoch, and a single batch shape means a single trace of the train step.

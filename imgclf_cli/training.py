@@ -414,9 +414,7 @@ def train_run(
     # A disk cache left by an interrupted run is incomplete (and locked): start it afresh.
     shutil.rmtree(cache_dir, ignore_errors=True)
     num_classes = len(manifest.classes)
-    data = make_training_data(
-        config, manifest, strategy.num_replicas_in_sync, failures, cache_dir, listener
-    )
+    data = make_training_data(config, manifest, strategy.num_replicas_in_sync, failures, cache_dir, listener)
 
     with strategy.scope():
         if initial_epoch:

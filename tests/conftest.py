@@ -18,6 +18,7 @@ os.environ["IMGCLF_PROGRESS"] = "0"
 CLASS_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 # The tiny, fast training every test that needs a model uses.
+# fmt: off
 TINY_TRAINING = [
     "--epochs", "10",
     "--image-size", "48",
@@ -26,9 +27,12 @@ TINY_TRAINING = [
     "--set", "train.learning_rate=0.01",
     "--set", "train.warmup_epochs=0",
 ]
+# fmt: on
 
 
-def make_image(colour: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (40, 48)) -> Image.Image:
+def make_image(
+    colour: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (40, 48)
+) -> Image.Image:
     noise = rng.integers(-30, 30, size=(size[1], size[0], 3))
     pixels = np.clip(np.asarray(colour)[None, None, :] + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CLASS_COLOURS, make_class_folders, make_image
 from imgclf_cli.cli.app import app
 from imgclf_cli.dataset import Sample, SplitManifest
 from imgclf_cli.evaluation import ECE_BINS, compute_metrics, expected_calibration_error
+
+from conftest import CLASS_COLOURS, make_class_folders, make_image
 
 runner = CliRunner()
 EVAL_FILES = {
@@ -139,7 +140,7 @@ def test_known_answer_matches_an_independent_computation(run_copy: dict[str, Pat
     true = np.asarray([label for _, label in files])
     predicted = probabilities.argmax(axis=1)
     expected = np.zeros((3, 3), dtype=int)
-    for truth, guess in zip(true, predicted):
+    for truth, guess in zip(true, predicted, strict=True):
         expected[truth, guess] += 1
     # The mislabelled images must give errors for this test to mean anything.
     assert expected.trace() < expected.sum()
@@ -157,7 +158,7 @@ def test_known_answer_matches_an_independent_computation(run_copy: dict[str, Pat
     ece, _ = expected_calibration_error(true, probabilities)
     assert report["ece"] == pytest.approx(ece, abs=1e-4)
 
-    wrong = {path for (path, truth), guess in zip(files, predicted) if guess != truth}
+    wrong = {path for (path, truth), guess in zip(files, predicted, strict=True) if guess != truth}
     output_dir = Path(report["output_dir"])
     assert output_dir == run_copy["run_dir"] / "eval" / "known"
     with (output_dir / "misclassified.csv").open() as handle:

@@ -56,12 +56,12 @@ def test_accessors_read_what_training_wrote(run_copy: Path, trained_run: dict) -
 @pytest.mark.parametrize(
     ("file_name", "content", "read"),
     [
-        (store.LABELS_FILE, "[\"red\", ", store.read_labels),
-        (store.LABELS_FILE, "{\"red\": 1}", store.read_labels),
-        (store.SPLIT_FILE, "{\"root\": \"/x\"}", store.read_manifest),
+        (store.LABELS_FILE, '["red", ', store.read_labels),
+        (store.LABELS_FILE, '{"red": 1}', store.read_labels),
+        (store.SPLIT_FILE, '{"root": "/x"}', store.read_manifest),
         (store.CONFIG_FILE, "train: [unclosed", store.read_config_values),
         (store.HISTORY_FILE, "epoch,loss\n1,not-a-number\n", store.read_history),
-        (store.META_FILE, "{\"status\": ", store.read_meta),
+        (store.META_FILE, '{"status": ', store.read_meta),
     ],
 )
 def test_a_damaged_file_is_one_error_naming_it(run_copy: Path, file_name: str, content: str, read) -> None:  # type: ignore[no-untyped-def]
@@ -93,8 +93,20 @@ def test_files_that_may_not_exist_yet_read_as_empty(tmp_path: Path) -> None:
     assert store.read_meta(run_dir) == {}
     assert store.read_history(run_dir) == []
     assert not store.has_checkpoint(run_dir)
-    store.write_history(run_dir, [{"epoch": 1, "loss": 0.5, "accuracy": 0.75, "val_loss": 0.25,
-                                   "val_accuracy": 1.0, "learning_rate": 0.001, "seconds": 2.0}])
+    store.write_history(
+        run_dir,
+        [
+            {
+                "epoch": 1,
+                "loss": 0.5,
+                "accuracy": 0.75,
+                "val_loss": 0.25,
+                "val_accuracy": 1.0,
+                "learning_rate": 0.001,
+                "seconds": 2.0,
+            }
+        ],
+    )
     assert store.read_history(run_dir)[0]["val_accuracy"] == 1.0
 
 

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAINING, make_class_folders
 from imgclf_cli import store
 from imgclf_cli.cli.app import app
+
+from conftest import TINY_TRAINING, make_class_folders
 
 runner = CliRunner()
 
@@ -29,14 +30,32 @@ def train_cli(*args: str) -> tuple[int, str, str]:
 def test_trained_run_is_self_describing(trained_run: dict) -> None:
     run_dir: Path = trained_run["run_dir"]
     summary = trained_run["summary"]
-    for key in ("run_id", "run_dir", "classes", "num_train", "num_val", "epochs_run", "best_epoch",
-                "val_accuracy", "val_loss", "train_seconds", "skipped_files"):
+    for key in (
+        "run_id",
+        "run_dir",
+        "classes",
+        "num_train",
+        "num_val",
+        "epochs_run",
+        "best_epoch",
+        "val_accuracy",
+        "val_loss",
+        "train_seconds",
+        "skipped_files",
+    ):
         assert key in summary
     assert summary["classes"] == ["blue", "green", "red"]
     assert summary["num_train"] + summary["num_val"] == 48
     assert summary["val_accuracy"] >= 0.8  # solid colours: a working pipeline learns them
-    for name in (store.CONFIG_FILE, store.LABELS_FILE, store.SPLIT_FILE, store.BEST_MODEL_FILE,
-                 store.LAST_CHECKPOINT_FILE, store.HISTORY_FILE, store.META_FILE):
+    for name in (
+        store.CONFIG_FILE,
+        store.LABELS_FILE,
+        store.SPLIT_FILE,
+        store.BEST_MODEL_FILE,
+        store.LAST_CHECKPOINT_FILE,
+        store.HISTORY_FILE,
+        store.META_FILE,
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / store.PLOTS_DIR / "training_curves.png").stat().st_size > 1000
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
@@ -69,14 +88,18 @@ def test_best_model_loads_in_safe_mode_and_matches_val_accuracy(trained_run: dic
 def test_bad_images_are_skipped_and_reported(tmp_path: Path, runs_dir: Path) -> None:
     root = make_class_folders(tmp_path / "data", per_class=8)
     rng = np.random.default_rng(1)
-    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "red" / "png_named.jpg", format="PNG")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+        root / "red" / "png_named.jpg", format="PNG"
+    )
     Image.new("RGBA", (30, 30), (220, 40, 40, 128)).save(root / "red" / "rgba.png")
     Image.new("L", (30, 30), 90).save(root / "blue" / "gray.png")
     (root / "green" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
     (root / "blue" / "truncated.jpg").write_bytes(buffer.getvalue()[:400])
-    code, stdout, stderr = train_cli(str(root), "--json", *TINY_TRAINING[:2], "--image-size", "32", "--set", "model.width=8")
+    code, stdout, stderr = train_cli(
+        str(root), "--json", *TINY_TRAINING[:2], "--image-size", "32", "--set", "model.width=8"
+    )
     assert code == 0, stderr
     summary = json.loads(stdout)
     skipped = {Path(entry["path"]).name: entry["reason"] for entry in summary["skipped_files"]}
@@ -116,7 +139,9 @@ def test_dataset_whose_images_all_fail_to_decode_is_a_clear_error(tmp_path: Path
         (["{empty}"], 1, "No class folders"),
     ],
 )
-def test_errors_are_one_clear_line(tmp_path: Path, runs_dir: Path, args: list[str], code: int, message: str) -> None:
+def test_errors_are_one_clear_line(
+    tmp_path: Path, runs_dir: Path, args: list[str], code: int, message: str
+) -> None:
     data = make_class_folders(tmp_path / "data", per_class=2)
     single = make_class_folders(tmp_path / "single", per_class=2, classes={"cats": (1, 2, 3)})
     (tmp_path / "empty").mkdir()
@@ -178,8 +203,18 @@ def test_interrupt_then_resume_continues_from_last_epoch(
 def test_pretrained_backbone_with_random_weights_trains(tmp_path: Path, runs_dir: Path) -> None:
     data = make_class_folders(tmp_path / "data", per_class=4)
     code, stdout, stderr = train_cli(
-        str(data), "--json", "--model", "mobilenet_v3_small", "--set", "model.weights=none",
-        "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+        str(data),
+        "--json",
+        "--model",
+        "mobilenet_v3_small",
+        "--set",
+        "model.weights=none",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
     )
     assert code == 0, stderr
     summary = json.loads(stdout)
@@ -189,7 +224,9 @@ def test_pretrained_backbone_with_random_weights_trains(tmp_path: Path, runs_dir
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path, runs_dir: Path) -> None:
     data = make_class_folders(tmp_path / "data", per_class=2)
-    code, _, stderr = train_cli(str(data), "--model", "efficientnet_b0", "--set", f"model.weights={tmp_path}/nope.h5")
+    code, _, stderr = train_cli(
+        str(data), "--model", "efficientnet_b0", "--set", f"model.weights={tmp_path}/nope.h5"
+    )
     assert code == 1
     assert "weights file not found" in stderr
 
@@ -230,7 +267,8 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from imgclf_cli.training import train
 result = train({str(data)!r}, runs_dir={str(tmp_path / "runs")!r}, overrides=[
-    "train.distribute=mirrored", "train.epochs=1", "data.image_size=32", "data.batch_size=4", "model.width=8"])
+    "train.distribute=mirrored", "train.epochs=1", "data.image_size=32", "data.batch_size=4",
+    "model.width=8"])
 from imgclf_cli.store import read_meta
 from pathlib import Path
 meta = read_meta(Path(result.run_dir))
@@ -289,8 +327,11 @@ def test_train_library_prints_nothing_and_reports_through_the_listener(
     data = make_class_folders(tmp_path / "data", per_class=5)
     capsys.readouterr()
     listener = Recorder()
-    result = train(data, overrides=["train.epochs=2", "data.image_size=32", "data.batch_size=4", "model.width=8"],
-                   listener=listener)
+    result = train(
+        data,
+        overrides=["train.epochs=2", "data.image_size=32", "data.batch_size=4", "model.width=8"],
+        listener=listener,
+    )
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert listener.events == ["status", "start 12+3 2", "finish"]

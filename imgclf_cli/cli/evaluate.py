@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -20,7 +20,7 @@ MAX_MATRIX_COLUMNS = 15
 
 def evaluate_command(
     data_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Argument(
             help="A labelled folder: one sub-folder per class, named as the run's classes "
             "(with train/ val/ test/ sub-folders: its test split, else val). "
@@ -69,7 +69,7 @@ def render_report(report: EvaluationReport) -> None:
     labels = [escape(label) for label in report.labels]
     rows: list[list[object]] = [
         [label, metrics.precision, metrics.recall, metrics.f1, metrics.support]
-        for label, metrics in zip(labels, report.per_class.values())
+        for label, metrics in zip(labels, report.per_class.values(), strict=True)
     ]
     total = report.num_samples
     rows.append(["macro avg", report.precision_macro, report.recall_macro, report.f1_macro, total])
@@ -82,7 +82,9 @@ def render_report(report: EvaluationReport) -> None:
     out.print(per_class)
 
     if len(labels) <= MAX_MATRIX_COLUMNS:
-        matrix_rows = [[label, *counts] for label, counts in zip(labels, report.confusion_matrix)]
+        matrix_rows = [
+            [label, *counts] for label, counts in zip(labels, report.confusion_matrix, strict=True)
+        ]
         out.print(
             make_table(
                 ["true \\ predicted", *labels],

@@ -37,28 +37,52 @@ def train_command(
         ),
     ] = None,
     config_file: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML config file (see --print-config).", dir_okay=False)
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config file (see --print-config).", dir_okay=False),
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", "-s", help="Override a config key: --set train.epochs=5 (repeatable).", metavar="KEY=VALUE"),
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a config key: --set train.epochs=5 (repeatable).",
+            metavar="KEY=VALUE",
+        ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.", min=1, show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch.", min=1, show_default=False)] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Maximum number of epochs.", min=1, show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per batch.", min=1, show_default=False)
+    ] = None,
     image_size: Annotated[
         int | None, typer.Option(help="Square input size in pixels.", min=8, max=4096, show_default=False)
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="imgclf-cnn, or a backbone: mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, resnet50...", show_default=False),
+        typer.Option(
+            help="imgclf-cnn, or a backbone: mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, "
+            "resnet50...",
+            show_default=False,
+        ),
     ] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.", min=0.0, show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for the split, shuffling and initialisation.", show_default=False)] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Peak learning rate.", min=0.0, show_default=False)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for the split, shuffling and initialisation.", show_default=False)
+    ] = None,
     runs_dir: RunsDirOption = None,
-    name: Annotated[str | None, typer.Option(help="A name appended to the run id.", show_default=False)] = None,
+    name: Annotated[
+        str | None, typer.Option(help="A name appended to the run id.", show_default=False)
+    ] = None,
     resume: Annotated[
         str | None,
-        typer.Option(help="Continue an interrupted run (run id, folder or 'latest') from its last completed epoch.", metavar="RUN", show_default=False),
+        typer.Option(
+            help="Continue an interrupted run (run id, folder or 'latest') from its last completed epoch.",
+            metavar="RUN",
+            show_default=False,
+        ),
     ] = None,
     json_output: JsonOption = False,
     print_config: Annotated[
@@ -78,7 +102,9 @@ def train_command(
         return
     if data_dir is None and resume is None:
         if not SAMPLE_DATA.is_dir():
-            raise DatasetError("No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES")
+            raise DatasetError(
+                "No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES"
+            )
         data_dir = SAMPLE_DATA
 
     flags: dict[str, Any] = {
@@ -119,7 +145,15 @@ def train_command(
             ]
         ],
         title="Training finished" + (" (stopped early)" if result.stopped_early else ""),
-        numeric=["best epoch", "val accuracy", "val loss", "epochs run", "train images", "val images", "time"],
+        numeric=[
+            "best epoch",
+            "val accuracy",
+            "val loss",
+            "epochs run",
+            "train images",
+            "val images",
+            "time",
+        ],
     )
     out.print(summary)
     out.print(f"Run: {result.run_dir}", highlight=False, markup=False)
@@ -213,7 +247,9 @@ class TrainingView(TrainingListener):
             + ("  *" if event.improved else "")
         )
         if self.bars is not None and self.epoch_task is not None:
-            self.bars.update(self.epoch_task, completed=event.epoch, metrics=f"val_acc {event.val_accuracy:.4f}")
+            self.bars.update(
+                self.epoch_task, completed=event.epoch, metrics=f"val_acc {event.val_accuracy:.4f}"
+            )
 
     def on_finish(self) -> None:
         self.stop_spinner()
