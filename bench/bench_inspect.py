@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf_cli.inspection import DEFAULT_HASH_DISTANCE, inspect_dataset, near_duplicate_pairs
+from imgclf_cli.duplicates import near_duplicate_pairs
+from imgclf_cli.inspection import inspect_dataset
+from imgclf_cli.inspection_report import DEFAULT_HASH_DISTANCE
 
 DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS = ("flowers128", "hymenoptera")

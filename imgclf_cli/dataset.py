@@ -1,10 +1,9 @@
-"""Finding images in a dataset folder without TensorFlow: layout, classes, bad files, splits.
+"""Scanning a dataset for training and evaluation without TensorFlow: classes, readable images, splits.
 
-Two layouts are understood:
-
-* ``DATA_DIR/<class>/<images>``: one folder per class; a seeded, stratified validation split
-  is drawn by ``split_samples``.
-* ``DATA_DIR/{train,val|validation|valid,test}/<class>/<images>``: the given splits are used.
+The files come from ``imgclf_cli.dataset_layout.list_dataset`` (the walk ``inspect-dataset``
+shares); each file's header is read here to keep only images imgclf can decode. With the
+``DATA_DIR/<class>/<images>`` layout a seeded, stratified validation split is drawn by
+``stratified_split``; with ``DATA_DIR/{train,val,test}/<class>/<images>`` the given splits are used.
 """
 
 from __future__ import annotations
@@ -17,19 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from imgclf_cli.dataset_layout import list_dataset
 from imgclf_cli.errors import DatasetError
 from imgclf_cli.images import ImageHeader, UnreadableImage, read_header
-
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
-SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "icon\r"})
 
 
 @dataclass(frozen=True)
@@ -75,39 +64,6 @@ class DatasetScan:
         return digest.hexdigest()[:16]
 
 
-def is_hidden_or_system(path: Path) -> bool:
-    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
-
-
-def detect_split_dirs(root: Path) -> dict[str, Path]:
-    """Map ``train``/``val``/``test`` to folders of ``root`` when it uses the splits layout."""
-    found: dict[str, Path] = {}
-    for child in sorted(root.iterdir()):
-        split = SPLIT_ALIASES.get(child.name.lower())
-        if child.is_dir() and split and split not in found:
-            found[split] = child
-    return found if "train" in found else {}
-
-
-def class_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        (child for child in folder.iterdir() if child.is_dir() and not is_hidden_or_system(child)),
-        key=lambda child: child.name,
-    )
-
-
-def candidate_files(class_dir: Path) -> list[Path]:
-    """Every non-hidden file under a class folder (recursively), in a stable order."""
-    files = [
-        path
-        for path in class_dir.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
-        and not is_hidden_or_system(path)
-    ]
-    return sorted(files)
-
-
 def probe_files(
     paths: Sequence[Path], on_progress: Callable[[int], None] | None = None
 ) -> list[ImageHeader | str]:
@@ -128,66 +84,41 @@ def probe_files(
     return results
 
 
-def resolve_dataset_root(data_dir: str | Path) -> Path:
-    """The absolute dataset folder; a ``DatasetError`` when it is missing or not a folder."""
-    root = Path(data_dir).expanduser()
-    if not root.exists():
-        raise DatasetError(
-            f"Dataset folder not found: {root}",
-            "pass a folder that holds one sub-folder of images per class",
-        )
-    if not root.is_dir():
-        raise DatasetError(f"Dataset path is not a folder: {root}", "pass the folder that holds the class folders")
-    return root.resolve()
-
-
-def scan_dataset(
-    data_dir: str | Path, on_progress: Callable[[int], None] | None = None
-) -> DatasetScan:
+def scan_dataset(data_dir: str | Path, on_progress: Callable[[int], None] | None = None) -> DatasetScan:
     """Find classes and readable images under ``data_dir``.
 
     Files whose header is not a supported image are skipped and listed in ``skipped``; a class
     folder without a readable image, a single class, or no images at all is a ``DatasetError``.
     """
-    root = resolve_dataset_root(data_dir)
-    split_dirs = detect_split_dirs(root)
-    layout = "splits" if split_dirs else "folders"
-    split_roots = split_dirs or {"all": root}
-
-    class_names = sorted({child.name for folder in split_roots.values() for child in class_dirs(folder)})
-    if not class_names:
-        raise DatasetError(
-            f"No class folders in {root}",
-            "expected DATA_DIR/<class>/<images> or DATA_DIR/train/<class>/<images>",
-        )
+    listing = list_dataset(data_dir)
+    root, class_names = listing.root, listing.classes
     if len(class_names) < 2:
         raise DatasetError(
             f"Only one class found in {root}: {class_names[0]!r}",
             "a classifier needs at least two class folders",
         )
     label_of = {name: index for index, name in enumerate(class_names)}
+    # Splits in the order of their folder names (test, train, val), as scan_dataset listed them
+    # before the walk was shared with inspect-dataset: ``skipped`` keeps its order in run files.
+    split_names = sorted(listing.split_folders, key=listing.split_folders.__getitem__) or ["all"]
+    rank = {split: index for index, split in enumerate(split_names)}
+    files = sorted(listing.files, key=lambda file: rank[file.split or "all"])
 
-    pending: list[tuple[str, Path, int]] = []
-    for split, folder in split_roots.items():
-        for class_dir in class_dirs(folder):
-            for path in candidate_files(class_dir):
-                pending.append((split, path, label_of[class_dir.name]))
-
-    probes = probe_files([path for _, path, _ in pending], on_progress)
-    splits: dict[str, list[Sample]] = {split: [] for split in split_roots}
+    probes = probe_files([file.path for file in files], on_progress)
+    splits: dict[str, list[Sample]] = {split: [] for split in split_names}
     skipped: list[SkippedFile] = []
     short_sides: list[int] = []
-    for (split, path, label), probe in zip(pending, probes):
+    for file, probe in zip(files, probes, strict=True):
         if isinstance(probe, ImageHeader):
-            splits[split].append(Sample(str(path), label))
+            splits[file.split or "all"].append(Sample(str(file.path), label_of[file.class_name]))
             short_sides.append(min(probe.width, probe.height))
         else:
-            skipped.append(SkippedFile(str(path), probe))
+            skipped.append(SkippedFile(str(file.path), probe))
 
     readable_per_class = count_per_class(
         (sample for samples in splits.values() for sample in samples), len(class_names)
     )
-    empty = [name for name, count in zip(class_names, readable_per_class) if count == 0]
+    empty = [name for name, count in zip(class_names, readable_per_class, strict=True) if count == 0]
     if len(empty) == len(class_names):
         raise DatasetError(
             f"No readable images in {root}",
@@ -198,10 +129,12 @@ def scan_dataset(
             f"Class folder(s) with no readable images: {', '.join(empty)} (in {root})",
             "add images to them or remove the folders",
         )
-    if layout == "splits" and not splits.get("train"):
-        raise DatasetError(f"The train split of {root} holds no readable images", "add images to train/<class>/")
+    if listing.layout == "splits" and not splits.get("train"):
+        raise DatasetError(
+            f"The train split of {root} holds no readable images", "add images to train/<class>/"
+        )
     median_short_side = sorted(short_sides)[len(short_sides) // 2]
-    return DatasetScan(str(root), layout, class_names, splits, skipped, median_short_side)
+    return DatasetScan(str(root), listing.layout, class_names, splits, skipped, median_short_side)
 
 
 def count_per_class(samples: Iterable[Sample], num_classes: int) -> list[int]:

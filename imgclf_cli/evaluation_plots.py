@@ -1,28 +1,26 @@
 """Evaluation figures: confusion matrix, most confidently wrong images, reliability.  [heavy]
 
 Matplotlib's object API on the Agg backend; every figure is saved atomically (and closed) by
-``imgclf_cli.plots.save_figure``.
+``imgclf_cli.plots.save_figure``. Only imported when evaluation writes its plots.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from matplotlib import pyplot as plt
 
-from imgclf_cli.images import DECODE_ERRORS, to_rgb
+from imgclf_cli.plots import save_figure, thumbnail
 
 if TYPE_CHECKING:
     from imgclf_cli.evaluation import Misclassified, ReliabilityBin
 
 # Cell numbers are drawn only while they stay legible.
 MAX_ANNOTATED_CLASSES = 25
-THUMBNAIL_SIZE = 160
 
 
 def short(text: str, limit: int = 18) -> str:
@@ -31,10 +29,6 @@ def short(text: str, limit: int = 18) -> str:
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path) -> None:
     """Raw counts and row-normalised fractions (recall per true class), side by side."""
-    from matplotlib import pyplot as plt
-
-    from imgclf_cli.plots import save_figure
-
     matrix = np.asarray(matrix, dtype=np.int64)
     totals = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
@@ -73,30 +67,10 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path)
     save_figure(figure, path)
 
 
-def thumbnail(path: str, size: int = THUMBNAIL_SIZE) -> np.ndarray | None:
-    """The image as a person sees it (EXIF orientation, aspect ratio kept), or None."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                image.seek(0)
-                image.draft("RGB", (size * 2, size * 2))
-                image.load()
-                image = to_rgb(ImageOps.exif_transpose(image) or image)
-                image.thumbnail((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(image)
-    except DECODE_ERRORS:
-        return None
-
-
 def plot_misclassified_gallery(
     entries: Sequence[Misclassified], path: Path, total: int | None = None
 ) -> None:
     """A grid of the most confidently wrong images, each titled with its true and predicted class."""
-    from matplotlib import pyplot as plt
-
-    from imgclf_cli.plots import save_figure
-
     if not entries:
         figure, axis = plt.subplots(figsize=(4, 1.5))
         axis.axis("off")
@@ -108,10 +82,10 @@ def plot_misclassified_gallery(
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, entry in zip(axes.flat, entries):
-        pixels = thumbnail(entry.path)
-        if pixels is not None:
-            axis.imshow(pixels)
+    for axis, entry in zip(axes.flat, entries, strict=False):  # more axes than entries on the last row
+        picture = thumbnail(entry.path)
+        if picture is not None:
+            axis.imshow(picture)
         axis.set_title(
             f"true: {short(entry.true)}\npredicted: {short(entry.predicted)} ({entry.confidence:.2f})\n"
             f"{short(Path(entry.path).name, 28)}",
@@ -125,10 +99,6 @@ def plot_misclassified_gallery(
 
 def plot_reliability_diagram(bins: Sequence[ReliabilityBin], ece: float, path: Path) -> None:
     """Accuracy against confidence per bin (the diagonal is perfect calibration), with counts."""
-    from matplotlib import pyplot as plt
-
-    from imgclf_cli.plots import save_figure
-
     figure, (axis, counts_axis) = plt.subplots(
         2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )

@@ -6,21 +6,16 @@ Only imported when ``--report`` is given. Images are read, never written, in the
 from __future__ import annotations
 
 import json
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib  # noqa: TID253  (this module is only imported for --report)
+from matplotlib import pyplot as plt
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402, TID253
-from PIL import Image, ImageOps  # noqa: E402
-
-from imgclf_cli import store  # noqa: E402
-from imgclf_cli.errors import UsageError  # noqa: E402
-from imgclf_cli.images import DECODE_ERRORS, to_rgb  # noqa: E402
-from imgclf_cli.inspection import ImageRecord, InspectionReport  # noqa: E402
+from imgclf_cli import store
+from imgclf_cli.errors import UsageError
+from imgclf_cli.inspection_report import ImageRecord, InspectionReport
+from imgclf_cli.plots import save_figure, thumbnail
 
 REPORT_JSON = "inspection.json"
 CLASS_DISTRIBUTION_PNG = "class_distribution.png"
@@ -30,7 +25,6 @@ NEAR_DUPLICATES_PNG = "near_duplicates.png"
 SAMPLES_PER_CLASS = 6
 MAX_CLASSES_IN_GRID = 30
 MAX_PAIRS = 12
-THUMBNAIL_SIDE = 160
 
 
 def write_report(report: InspectionReport, output_dir: str | Path) -> list[Path]:
@@ -76,21 +70,6 @@ def check_report_dir(output_dir: str | Path, data_dir: str | Path) -> Path:
             "inspect-dataset never writes into DATA_DIR: choose a folder outside it",
         )
     return output_dir
-
-
-def save_figure(figure: plt.Figure, path: Path) -> None:
-    """Save atomically, then free the figure.
-
-    Same as ``imgclf_cli.plots.save_figure``; not imported from there because that module
-    serves the training side and must stay free to import heavier libraries."""
-    try:
-        store.atomic_write(
-            path,
-            lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"),
-            suffix=".png",
-        )
-    finally:
-        plt.close(figure)
 
 
 def plot_class_distribution(report: InspectionReport, path: Path) -> None:
@@ -143,22 +122,6 @@ def plot_image_sizes(report: InspectionReport, path: Path) -> None:
     save_figure(figure, path)
 
 
-def thumbnail(root: Path, relative_path: str) -> Image.Image | None:
-    """A small RGB copy of an image, or ``None`` when it cannot be read."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(root / relative_path) as image:
-                if image.format in ("JPEG", "MPO"):
-                    image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-                image.load()
-                picture = to_rgb(ImageOps.exif_transpose(image) or image)
-                picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-                return picture
-    except DECODE_ERRORS:
-        return None
-
-
 def evenly_spaced(items: Sequence[ImageRecord], count: int) -> list[ImageRecord]:
     if len(items) <= count:
         return list(items)
@@ -190,7 +153,7 @@ def plot_samples(report: InspectionReport, path: Path) -> None:
             for spine in axis.spines.values():
                 spine.set_visible(False)
             if column < len(samples):
-                picture = thumbnail(root, samples[column].path)
+                picture = thumbnail(root / samples[column].path)
                 if picture is not None:
                     axis.imshow(picture)
             if column == 0:
@@ -245,7 +208,7 @@ def plot_near_duplicates(
             axis = axes[row][column]
             axis.set_xticks([])
             axis.set_yticks([])
-            picture = thumbnail(root, image.path)
+            picture = thumbnail(root / image.path)
             if picture is not None:
                 axis.imshow(picture)
             axis.set_title(f"{image.path}\n{image.width}x{image.height}", fontsize=7)

@@ -1,7 +1,13 @@
-"""Matplotlib figures written as PNG files (Agg backend, object API).  [heavy]"""
+"""Matplotlib figures written as PNG files (Agg backend, object API).  [heavy]
+
+The helpers every figure module uses (``evaluation_plots``, ``inspection_plots``) live here:
+``save_figure`` writes a figure atomically and frees it, ``thumbnail`` decodes an image for
+display. Importing this module selects the Agg backend, so figures never need a display.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,16 +15,43 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 from imgclf_cli import store  # noqa: E402
+from imgclf_cli.images import DECODE_ERRORS, to_rgb  # noqa: E402
+
+THUMBNAIL_SIDE = 160
 
 
 def save_figure(figure: plt.Figure, path: Path) -> None:
-    """Save atomically, then free the figure."""
+    """Save as PNG atomically (readers never see half a file), then free the figure."""
     try:
-        store.atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"), suffix=".png")
+        store.atomic_write(
+            path,
+            lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"),
+            suffix=".png",
+        )
     finally:
         plt.close(figure)
+
+
+def thumbnail(path: str | Path, size: int = THUMBNAIL_SIDE) -> Image.Image | None:
+    """The image as a person sees it, at most ``size`` pixels a side: first frame, EXIF
+    orientation applied, 8-bit RGB, aspect ratio kept. ``None`` when it cannot be decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                image.seek(0)
+                if image.format in ("JPEG", "MPO"):
+                    # libjpeg decodes at a reduced scale: much faster for camera photos.
+                    image.draft("RGB", (2 * size, 2 * size))
+                image.load()
+                picture = to_rgb(ImageOps.exif_transpose(image) or image)
+                picture.thumbnail((size, size), Image.Resampling.BILINEAR)
+                return picture
+    except DECODE_ERRORS:
+        return None
 
 
 def plot_training_curves(history: Sequence[dict[str, float]], path: Path) -> None:

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_class_folders
 from imgclf_cli.config import Config, all_keys, documented_yaml, resolve_config
 from imgclf_cli.dataset import SplitManifest, make_manifest, scan_dataset, stratified_split
+from imgclf_cli.dataset_layout import list_dataset
 from imgclf_cli.errors import ConfigError, DatasetError, UsageError
 from imgclf_cli.images import UnreadableImage, load_image, read_header
 
+from conftest import make_class_folders
 
 # --- config ---------------------------------------------------------------------------------
+
 
 def test_precedence_defaults_yaml_set_flags(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
@@ -47,7 +49,11 @@ def test_unknown_key_names_key_and_valid_keys(tmp_path: Path) -> None:
 def test_wrong_type_names_expected_type() -> None:
     with pytest.raises(ConfigError) as caught:
         resolve_config(overrides=["train.epochs=many"])
-    assert "train.epochs" in caught.value.message and "int" in caught.value.message and "'many'" in caught.value.message
+    assert (
+        "train.epochs" in caught.value.message
+        and "int" in caught.value.message
+        and "'many'" in caught.value.message
+    )
     with pytest.raises(ConfigError):
         resolve_config(overrides=["train.lr_schedule=linear"])
     with pytest.raises(ConfigError):
@@ -63,7 +69,11 @@ def test_bad_set_is_usage_error() -> None:
 
 def test_set_values_are_yaml_typed() -> None:
     config = resolve_config(
-        overrides=["data.image_size=[64, 96]", "train.class_weights={a: 2, b: 1}", "model.freeze_backbone=true"]
+        overrides=[
+            "data.image_size=[64, 96]",
+            "train.class_weights={a: 2, b: 1}",
+            "model.freeze_backbone=true",
+        ]
     )
     assert config.image_size == (64, 96)
     assert config.train.class_weights == {"a": 2.0, "b": 1.0}
@@ -101,6 +111,7 @@ def test_auto_image_size() -> None:
 
 
 # --- image decoding -------------------------------------------------------------------------
+
 
 def solid(mode: str, size: tuple[int, int] = (20, 10), colour: object = None) -> Image.Image:
     return Image.new(mode, size, colour if colour is not None else 128)
@@ -165,7 +176,9 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 
 def test_truncated_and_non_images_are_unreadable(tmp_path: Path) -> None:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buffer, "JPEG"
+    )
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     text = tmp_path / "notes.jpg"
@@ -181,6 +194,7 @@ def test_truncated_and_non_images_are_unreadable(tmp_path: Path) -> None:
 
 
 # --- scanning and splitting -----------------------------------------------------------------
+
 
 def test_scan_skips_bad_files_and_reports_them(tmp_path: Path) -> None:
     root = make_class_folders(tmp_path / "data", per_class=5)
@@ -218,6 +232,31 @@ def test_class_without_readable_images_is_an_error(tmp_path: Path) -> None:
         scan_dataset(root)
 
 
+def test_training_and_inspection_share_one_listing(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    make_class_folders(root / "train", per_class=2)
+    make_class_folders(root / "val", per_class=1, seed=1)
+    (root / "train" / "red" / "nested").mkdir()
+    (root / "train" / "red" / "red_000.png").rename(root / "train" / "red" / "nested" / "deep.png")
+    (root / "train" / "red" / ".DS_Store").write_bytes(b"x")
+    (root / "val" / "grey").mkdir()
+    (root / "README.md").write_text("a dataset")
+    listing = list_dataset(root)
+    assert (listing.layout, listing.splits) == ("splits", ["train", "val"])
+    assert listing.classes == ["blue", "green", "grey", "red"]
+    assert "train/red/nested/deep.png" in [file.relative_path for file in listing.files]
+    assert listing.empty_class_folders == ["val/grey"]
+    assert listing.hidden_files == ["train/red/.DS_Store"]
+    assert listing.ignored_paths == ["README.md"]
+    with pytest.raises(DatasetError, match="grey"):  # training refuses the class without images
+        scan_dataset(root)
+    (root / "val" / "grey").rmdir()
+    scan = scan_dataset(root)
+    assert sorted(sample.path for samples in scan.splits.values() for sample in samples) == sorted(
+        str(file.path) for file in list_dataset(root).files
+    )
+
+
 def test_stratified_split_is_seeded_and_keeps_class_shares(tmp_path: Path) -> None:
     root = make_class_folders(tmp_path / "data", per_class=20, classes={"a": (1, 1, 1), "b": (9, 9, 9)})
     make_class_folders(root, per_class=5, classes={"c": (50, 50, 50)})
@@ -250,7 +289,8 @@ def test_light_commands_do_not_import_tensorflow() -> None:
         "from imgclf_cli.cli.app import app\n"
         "runner = CliRunner()\n"
         "for args in (['--help'], ['--version'], ['train', '--help'], ['evaluate', '--help'],"
-        " ['predict', '--help'], ['export', '--help'], ['inspect-dataset', '--help'], ['train', '--print-config']):\n"
+        " ['predict', '--help'], ['export', '--help'], ['inspect-dataset', '--help'],"
+        " ['train', '--print-config']):\n"
         "    result = runner.invoke(app, args)\n"
         "    assert result.exit_code == 0, (args, result.output)\n"
         "heavy = [name for name in ('tensorflow', 'keras', 'sklearn', 'matplotlib') if name in sys.modules]\n"
@@ -263,4 +303,6 @@ def test_light_commands_do_not_import_tensorflow() -> None:
 
 def test_readme_config_reference_is_current() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert documented_yaml() in readme, "README's config reference is stale: paste `imgclf train --print-config`"
+    assert documented_yaml() in readme, (
+        "README's config reference is stale: paste `imgclf train --print-config`"
+    )

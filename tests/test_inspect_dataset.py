@@ -10,18 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_class_folders, make_image
 from PIL import Image
 from typer.testing import CliRunner
 
 from imgclf_cli.cli.app import app
-from imgclf_cli.inspection import (
-    band_layout,
-    hamming_distances,
-    inspect_dataset,
-    near_duplicate_pairs,
-    perceptual_hash_of,
-)
+from imgclf_cli.duplicates import band_layout, hamming_distances, near_duplicate_pairs, perceptual_hash_of
+from imgclf_cli.inspection import inspect_dataset
+
+from conftest import make_class_folders, make_image
 
 runner = CliRunner()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,14 +12,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from imgclf_cli.cli.options import JsonOption
-from imgclf_cli.console import err, make_table, out, print_json, progress_enabled
-from imgclf_cli.inspection import (
-    DEFAULT_HASH_DISTANCE,
-    MAX_HASH_DISTANCE,
-    InspectionReport,
-    ProgressCallback,
-    inspect_dataset,
-)
+from imgclf_cli.console import err, make_progress, make_table, out, print_json, progress_enabled
+
+# The report's dataclasses and defaults only: NumPy and Pillow load when the command runs.
+from imgclf_cli.inspection_report import DEFAULT_HASH_DISTANCE, MAX_HASH_DISTANCE, InspectionReport
 
 SEVERITY_STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 EXAMPLES_SHOWN = 5
@@ -83,6 +79,8 @@ def inspect_dataset_command(
 
         imgclf inspect-dataset flowers/ --report inspection/ --strict
     """
+    from imgclf_cli.inspection import inspect_dataset
+
     if report_dir is not None:
         from imgclf_cli.inspection_plots import check_report_dir, write_report
 
@@ -103,22 +101,14 @@ def inspect_dataset_command(
 
 
 @contextmanager
-def scan_progress() -> Iterator[ProgressCallback | None]:
-    """A progress bar on stderr while files are scanned, only when a human watches."""
+def scan_progress() -> Iterator[Callable[[int, int], None] | None]:
+    """``on_progress(done, total)`` drawing a bar on stderr while files are scanned, only when
+    a human watches."""
     if not progress_enabled():
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("Scanning images"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("scan", total=None)
+    with make_progress() as progress:
+        task = progress.add_task("Scanning images", total=None)
 
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)

@@ -1,0 +1,169 @@
+"""The one walk of a dataset folder: its layout, splits, classes and files, without opening a file.
+
+Training, evaluation (``imgclf_cli.dataset.scan_dataset``) and ``inspect-dataset``
+(``imgclf_cli.inspection``) all read a dataset through ``list_dataset``, so they agree on which
+files belong to which class and split, and on what is left out. Two layouts are understood:
+
+* ``DATA_DIR/<class>/<images>``: one folder per class (the ``folders`` layout).
+* ``DATA_DIR/{train|training,val|valid|validation,test|testing}/<class>/<images>``: the
+  ``splits`` layout, recognised when a ``train`` folder is present.
+
+Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``._*`` and anything under a hidden
+folder) are never read. Only the standard library is used, so this module is light to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf_cli.errors import DatasetError
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+SPLIT_ORDER = tuple(dict.fromkeys(SPLIT_ALIASES.values()))  # train, val, test
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "icon\r"})
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    """One file of a class folder: read as an image of ``class_name`` unless it proves not to be one."""
+
+    path: Path
+    relative_path: str
+    """Relative to the dataset root, with ``/`` separators."""
+    class_name: str
+    split: str | None
+    """``train``, ``val`` or ``test``; ``None`` in the ``folders`` layout."""
+
+
+@dataclass
+class DatasetListing:
+    """Every file of a dataset folder: those read as images, and those left out.
+
+    ``empty_class_folders``, ``hidden_files`` and ``ignored_paths`` are relative to ``root``
+    with ``/`` separators; ``ignored_paths`` are files and folders outside any class folder.
+    """
+
+    root: Path
+    layout: str
+    """``folders`` (DATA_DIR/<class>/) or ``splits`` (DATA_DIR/train/<class>/ ...)."""
+    split_folders: dict[str, Path]
+    """The folder of each split found, in the order train, val, test (empty for ``folders``)."""
+    classes: list[str]
+    """Every class folder's name, sorted; a class is in it even when its folders are empty."""
+    files: list[DatasetFile]
+    """By split (train, val, test), then class, then path."""
+    empty_class_folders: list[str]
+    hidden_files: list[str]
+    ignored_paths: list[str]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.split_folders)
+
+
+def list_dataset(data_dir: str | Path) -> DatasetListing:
+    """List the dataset in ``data_dir`` (no file is opened, nothing is written).
+
+    Raises ``DatasetError`` when ``data_dir`` is missing, not a folder, or holds no class folder.
+    """
+    root = resolve_dataset_root(data_dir)
+    detected = detect_split_dirs(root)
+    split_folders = {split: detected[split] for split in SPLIT_ORDER if split in detected}
+    folders: dict[str | None, Path] = {None: root}
+    if split_folders:
+        folders = dict(split_folders)
+
+    def relative(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    classes: set[str] = set()
+    files: list[DatasetFile] = []
+    empty_folders: list[str] = []
+    hidden: list[str] = []
+    ignored: list[str] = []
+    for split, folder in folders.items():
+        children = sorted(folder.iterdir())
+        for child in children:
+            if is_hidden_or_system(child):
+                hidden.append(relative(child))
+            elif not child.is_dir():
+                ignored.append(relative(child))
+        for class_dir in (child for child in children if child.is_dir() and not is_hidden_or_system(child)):
+            classes.add(class_dir.name)
+            kept, hidden_inside = class_folder_files(class_dir)
+            if not kept:
+                empty_folders.append(relative(class_dir))
+            files.extend(DatasetFile(path, relative(path), class_dir.name, split) for path in kept)
+            hidden.extend(relative(path) for path in hidden_inside)
+    if split_folders:
+        used = set(split_folders.values())
+        for child in sorted(root.iterdir()):
+            if child not in used:
+                (hidden if is_hidden_or_system(child) else ignored).append(relative(child))
+    if not classes:
+        raise DatasetError(
+            f"No class folders in {root}",
+            "expected DATA_DIR/<class>/<images> or DATA_DIR/train/<class>/<images>",
+        )
+    return DatasetListing(
+        root=root,
+        layout="splits" if split_folders else "folders",
+        split_folders=split_folders,
+        classes=sorted(classes),
+        files=files,
+        empty_class_folders=empty_folders,
+        hidden_files=sorted(hidden),
+        ignored_paths=sorted(ignored),
+    )
+
+
+def resolve_dataset_root(data_dir: str | Path) -> Path:
+    """The absolute dataset folder; a ``DatasetError`` when it is missing or not a folder."""
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise DatasetError(
+            f"Dataset folder not found: {root}",
+            "pass a folder that holds one sub-folder of images per class",
+        )
+    if not root.is_dir():
+        raise DatasetError(
+            f"Dataset path is not a folder: {root}", "pass the folder that holds the class folders"
+        )
+    return root.resolve()
+
+
+def is_hidden_or_system(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
+
+
+def detect_split_dirs(root: Path) -> dict[str, Path]:
+    """Map ``train``/``val``/``test`` to folders of ``root`` when it uses the splits layout.
+
+    Folders are tried in name order, so of ``val/`` and ``validation/`` only ``val/`` is used.
+    """
+    found: dict[str, Path] = {}
+    for child in sorted(root.iterdir()):
+        split = SPLIT_ALIASES.get(child.name.lower())
+        if child.is_dir() and split and split not in found:
+            found[split] = child
+    return found if "train" in found else {}
+
+
+def class_folder_files(class_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The files under a class folder (recursively) that are read, and the hidden ones; each sorted."""
+    kept: list[Path] = []
+    hidden: list[Path] = []
+    for path in class_dir.rglob("*"):
+        if path.is_file():
+            inside_hidden_folder = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            (hidden if inside_hidden_folder or is_hidden_or_system(path) else kept).append(path)
+    return sorted(kept), sorted(hidden)
