@@ -41,7 +41,9 @@ def train_model(data_dir: Path, runs_dir: Path, epochs: int) -> Path:
     from imgclf_cli.training import train
 
     started = time.perf_counter()
-    result = train(data_dir, flags={"train.epochs": epochs}, runs_dir=runs_dir, name="bench-export", quiet=True)
+    result = train(
+        data_dir, flags={"train.epochs": epochs}, runs_dir=runs_dir, name="bench-export", quiet=True
+    )
     print(
         f"Trained {result.run_id}: {result.num_train} train / {result.num_val} val images, "
         f"best val accuracy {result.val_accuracy:.3f} after {result.epochs_run} epochs "
@@ -53,7 +55,8 @@ def train_model(data_dir: Path, runs_dir: Path, epochs: int) -> Path:
 
 def predict_wall_time(model: Path, image: str, repeat: int) -> tuple[float, str]:
     """Median seconds of `imgclf predict --model MODEL IMAGE` in a new process, and its label."""
-    command = [sys.executable, "-m", "imgclf_cli", "predict", "--model", str(model), image, "--format", "json"]
+    command = [sys.executable, "-m", "imgclf_cli", "predict", "--model", str(model), image]
+    command += ["--format", "json"]
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     times: list[float] = []
     label = ""
@@ -111,44 +114,58 @@ def main() -> None:
             f"export + verification of all formats took {export_seconds:.0f} s"
         )
         print(
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); TensorFlow {tf.__version__}, "
-            f"Keras {keras.__version__}, Python {platform.python_version()}\n"
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
+            f"TensorFlow {tf.__version__}, Keras {keras.__version__}, Python {platform.python_version()}\n"
         )
-        print("| artifact | format | quantize | size | accuracy | Δ accuracy | agreement | max abs prob diff | latency ms/image |")
+        print(
+            "| artifact | format | quantize | size | accuracy | Δ accuracy | agreement "
+            "| max abs prob diff | latency ms/image |"
+        )
         print("|---|---|---|---:|---:|---:|---:|---:|---:|")
         reference = report.reference
         if reference is not None:
             print(
-                f"| best.keras | keras | - | {reference.size_bytes / 1024:.0f} KB | {reference.accuracy:.3f} | - | - | - "
-                f"| {reference.latency_ms:.2f} |"
+                f"| best.keras | keras | - | {reference.size_bytes / 1024:.0f} KB | {reference.accuracy:.3f} "
+                f"| - | - | - | {reference.latency_ms:.2f} |"
             )
         rows = list(report.artifacts)
         if report.serving_check is not None:
-            rows.insert(1 + next(i for i, a in enumerate(rows) if a.format == "saved_model"), report.serving_check)
+            position = 1 + next(index for index, row in enumerate(rows) if row.format == "saved_model")
+            rows.insert(position, report.serving_check)
         for artifact in rows:
-            name = Path(artifact.path).relative_to(output).as_posix() + (" (image bytes)" if artifact.note else "")
+            name = Path(artifact.path).relative_to(output).as_posix()
+            name += " (image bytes)" if artifact.note else ""
             print(
                 f"| {name} | {artifact.format} | {artifact.quantize} | {artifact.size_bytes / 1024:.0f} KB "
-                f"| {artifact.accuracy:.3f} | {artifact.accuracy_delta * 100:+.1f} pts | {artifact.agreement:.3f} "
+                f"| {artifact.accuracy:.3f} | {artifact.accuracy_delta * 100:+.1f} pts "
+                f"| {artifact.agreement:.3f} "
                 f"| {artifact.max_abs_diff:.4f} | {artifact.latency_ms:.2f} |"
                 + ("" if artifact.passed else " FAILED: " + "; ".join(artifact.problems))
             )
 
         image = validation_paths(run_dir)[0]
-        print(f"\nEnd to end: `imgclf predict --model MODEL IMAGE --format json`, one image ({Path(image).name}), median of {arguments.repeat}\n")
+        print(
+            "\nEnd to end: `imgclf predict --model MODEL IMAGE --format json`, "
+            f"one image ({Path(image).name}), median of {arguments.repeat}\n"
+        )
         print("| model | wall time (s) | predicted |")
         print("|---|---:|---|")
-        models = [run_dir / store.BEST_MODEL_FILE, output / "saved_model", output / "model.tflite", output / "model_int8.tflite", output / "model.onnx"]
+        models = [
+            store.best_model_path(run_dir),
+            output / "saved_model",
+            output / "model.tflite",
+            output / "model_int8.tflite",
+            output / "model.onnx",
+        ]
         for model in models:
             seconds, label = predict_wall_time(model, image, arguments.repeat)
             print(f"| {model.name + '/' if model.is_dir() else model.name} | {seconds:.2f} | {label} |")
 
 
 def validation_paths(run_dir: Path) -> list[str]:
-    from imgclf_cli.dataset import SplitManifest
+    from imgclf_cli import store
 
-    manifest = SplitManifest.from_json((run_dir / "split.json").read_text(encoding="utf-8"))
-    return [sample.path for sample in manifest.val]
+    return [sample.path for sample in store.read_manifest(run_dir).val]
 
 
 if __name__ == "__main__":

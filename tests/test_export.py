@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from imgclf_cli import store
 from imgclf_cli.cli.app import app
-from imgclf_cli.dataset import SplitManifest
 from imgclf_cli.images import load_image
 
 ARTIFACT_KEYS = {
@@ -65,12 +65,12 @@ def invoke(*args: str) -> Any:
 
 
 def image_size(run_dir: Path) -> tuple[int, int]:
-    height, width = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))["image_size"]
+    height, width = store.read_meta(run_dir)["image_size"]
     return (height, width)
 
 
 def validation_images(run_dir: Path, limit: int = 8) -> tuple[list[str], np.ndarray]:
-    manifest = SplitManifest.from_json((run_dir / "split.json").read_text(encoding="utf-8"))
+    manifest = store.read_manifest(run_dir)
     paths = [sample.path for sample in manifest.val[:limit]]
     return paths, np.stack([load_image(path, image_size(run_dir)) for path in paths])
 
@@ -87,7 +87,12 @@ def exported(trained_run: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     output = tmp_path_factory.mktemp("export")
     result = invoke("--run", str(trained_run["run_dir"]), "--all", "--output", str(output), "--json")
     assert result.exit_code == 0, result.output
-    return {"output": output, "document": json.loads(result.stdout), "stderr": result.stderr, "run_dir": trained_run["run_dir"]}
+    return {
+        "output": output,
+        "document": json.loads(result.stdout),
+        "stderr": result.stderr,
+        "run_dir": trained_run["run_dir"],
+    }
 
 
 def test_export_all_writes_every_format_and_mode_with_verification_numbers(exported: dict[str, Any]) -> None:
@@ -108,8 +113,16 @@ def test_export_all_writes_every_format_and_mode_with_verification_numbers(expor
         assert artifact["latency_ms"] > 0
         if artifact["quantize"] == "none":
             assert artifact["max_abs_diff"] < 1e-3, artifact
-    sizes = {artifact["quantize"]: artifact["size_bytes"] for artifact in artifacts if artifact["format"] == "tflite"}
-    assert sizes["int8"] < sizes["none"] and sizes["dynamic"] < sizes["none"] and sizes["float16"] < sizes["none"]
+    sizes = {
+        artifact["quantize"]: artifact["size_bytes"]
+        for artifact in artifacts
+        if artifact["format"] == "tflite"
+    }
+    assert (
+        sizes["int8"] < sizes["none"]
+        and sizes["dynamic"] < sizes["none"]
+        and sizes["float16"] < sizes["none"]
+    )
 
     output = exported["output"]
     assert (output / "labels.txt").read_text().split() == ["blue", "green", "red"]
@@ -145,7 +158,9 @@ def test_saved_model_has_tf_serving_layout_and_both_signatures(exported: dict[st
     paths, images = validation_images(exported["run_dir"])
     expected = keras_probabilities(exported["run_dir"], images)
 
-    from_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant([png_bytes(image) for image in images]))
+    from_bytes = loaded.signatures["serving_default"](
+        image_bytes=tf.constant([png_bytes(image) for image in images])
+    )
     probabilities = from_bytes["probabilities"].numpy()
     assert probabilities.shape == (len(images), 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -156,7 +171,9 @@ def test_saved_model_has_tf_serving_layout_and_both_signatures(exported: dict[st
     assert [name.decode() for name in from_bytes["classes"].numpy()[0]] == ["blue", "green", "red"]
 
     # The real files (48x40 PNGs) are decoded and resized inside the graph, as TF Serving gets them.
-    from_files = loaded.signatures["serving_default"](image_bytes=tf.constant([Path(path).read_bytes() for path in paths]))
+    from_files = loaded.signatures["serving_default"](
+        image_bytes=tf.constant([Path(path).read_bytes() for path in paths])
+    )
     assert (from_files["probabilities"].numpy().argmax(axis=1) == expected.argmax(axis=1)).all()
 
     from_floats = loaded.signatures["serving_images"](images=tf.constant(images.astype("float32")))
@@ -174,23 +191,32 @@ def test_saved_model_decodes_large_jpegs_like_training(exported: dict[str, Any],
     paths = []
     for index, image in enumerate(images):
         path = tmp_path / f"large_{index}.jpg"
-        Image.fromarray(image).resize((width * 5, height * 5), Image.Resampling.BICUBIC).save(path, quality=92)
+        Image.fromarray(image).resize((width * 5, height * 5), Image.Resampling.BICUBIC).save(
+            path, quality=92
+        )
         paths.append(path)
     decoded = np.stack([load_image(path, (height, width)) for path in paths])
     expected = load_predictor(run=str(exported["run_dir"])).predict_batch(decoded)
 
     loaded = tf.saved_model.load(str(exported["output"] / "saved_model" / "1"))
-    served = loaded.signatures["serving_default"](image_bytes=tf.constant([path.read_bytes() for path in paths]))
+    served = loaded.signatures["serving_default"](
+        image_bytes=tf.constant([path.read_bytes() for path in paths])
+    )
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=0.02)
 
 
 def test_onnx_model_runs_with_onnxruntime(exported: dict[str, Any]) -> None:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(exported["output"] / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert json.loads(session.get_modelmeta().custom_metadata_map["imgclf"])["labels"] == ["blue", "green", "red"]
+    session = onnxruntime.InferenceSession(
+        str(exported["output"] / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    metadata = json.loads(session.get_modelmeta().custom_metadata_map["imgclf"])
+    assert metadata["labels"] == ["blue", "green", "red"]
     _, images = validation_images(exported["run_dir"])
-    (probabilities,) = session.run(["probabilities"], {session.get_inputs()[0].name: images.astype("float32")})
+    (probabilities,) = session.run(
+        ["probabilities"], {session.get_inputs()[0].name: images.astype("float32")}
+    )
     np.testing.assert_allclose(probabilities, keras_probabilities(exported["run_dir"], images), atol=1e-5)
 
 
@@ -202,7 +228,8 @@ def test_load_predictor_reads_every_exported_format(exported: dict[str, Any]) ->
     # The SavedModel base folder resolves to its highest version, as TF Serving does.
     predictor = load_predictor(model=exported["output"] / "saved_model")
     assert isinstance(predictor, SavedModelPredictor)
-    assert predictor.labels == ["blue", "green", "red"] and predictor.image_size == image_size(exported["run_dir"])
+    assert predictor.labels == ["blue", "green", "red"]
+    assert predictor.image_size == image_size(exported["run_dir"])
     np.testing.assert_allclose(predictor.predict_batch(images), expected, atol=1e-5)
 
 
@@ -219,14 +246,17 @@ def run_without_tensorflow(code: str, cwd: Path) -> subprocess.CompletedProcess[
 def test_tflite_and_onnx_predict_without_tensorflow(exported: dict[str, Any], tmp_path: Path) -> None:
     output = exported["output"]
     paths, images = validation_images(exported["run_dir"])
-    models = [output / name for name in ("model.tflite", "model_int8.tflite", "model_float16.tflite", "model.onnx")]
+    models = [
+        output / name for name in ("model.tflite", "model_int8.tflite", "model_float16.tflite", "model.onnx")
+    ]
+    size = image_size(exported["run_dir"])
     code = f"""
     import json
     import numpy as np
     from imgclf_cli.images import load_image
     from imgclf_cli.inference import load_predictor
 
-    images = np.stack([load_image(path, {image_size(exported["run_dir"])!r}) for path in {[str(path) for path in paths]!r}])
+    images = np.stack([load_image(path, {size!r}) for path in {[str(path) for path in paths]!r}])
     results = {{}}
     for model in {[str(path) for path in models]!r}:
         predictor = load_predictor(model=model)
@@ -251,13 +281,16 @@ def test_tflite_and_onnx_predict_without_tensorflow(exported: dict[str, Any], tm
         np.testing.assert_allclose(probabilities, expected, atol=0.05)
 
 
-def test_predict_command_runs_a_tflite_model_without_tensorflow(exported: dict[str, Any], tmp_path: Path) -> None:
+def test_predict_command_runs_a_tflite_model_without_tensorflow(
+    exported: dict[str, Any], tmp_path: Path
+) -> None:
     """`imgclf predict --model model.tflite` end to end, in a Python where TensorFlow cannot load."""
     paths, images = validation_images(exported["run_dir"], limit=3)
+    model = str(exported["output"] / "model.tflite")
     code = f"""
     from imgclf_cli.cli.app import main
 
-    sys.argv = ["imgclf", "predict", "--model", {str(exported["output"] / "model.tflite")!r}, "--format", "json", *{paths!r}]
+    sys.argv = ["imgclf", "predict", "--model", {model!r}, "--format", "json", *{paths!r}]
     try:
         main()
     finally:
@@ -271,7 +304,16 @@ def test_predict_command_runs_a_tflite_model_without_tensorflow(exported: dict[s
 
 
 def test_int8_io_model_takes_and_returns_uint8(trained_run: dict[str, Path], tmp_path: Path) -> None:
-    result = invoke("--run", str(trained_run["run_dir"]), "--quantize", "int8", "--int8-io", "--output", str(tmp_path), "--json")
+    result = invoke(
+        "--run",
+        str(trained_run["run_dir"]),
+        "--quantize",
+        "int8",
+        "--int8-io",
+        "--output",
+        str(tmp_path),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     (artifact,) = json.loads(result.stdout)["artifacts"]
     assert (artifact["format"], artifact["quantize"]) == ("tflite", "int8")
@@ -285,7 +327,9 @@ def test_int8_io_model_takes_and_returns_uint8(trained_run: dict[str, Path], tmp
     assert interpreter.get_output_details()[0]["dtype"] == np.uint8
 
 
-def test_export_tflite_alone_writes_into_the_runs_export_folder(trained_run: dict[str, Path], tmp_path: Path) -> None:
+def test_export_tflite_alone_writes_into_the_runs_export_folder(
+    trained_run: dict[str, Path], tmp_path: Path
+) -> None:
     runs = tmp_path / "runs"
     run_copy = runs / trained_run["run_dir"].name
     shutil.copytree(trained_run["run_dir"], run_copy, ignore=shutil.ignore_patterns("export"))
@@ -297,25 +341,89 @@ def test_export_tflite_alone_writes_into_the_runs_export_folder(trained_run: dic
     assert "Every artifact passed its check." in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("arguments", "file_name", "quantize"),
+    [([], "model.tflite", "none"), (["--quantize", "int8"], "model_int8.tflite", "int8")],
+)
+def test_export_tflite_command_writes_and_verifies_the_tflite_model(
+    trained_run: dict[str, Path], tmp_path: Path, arguments: list[str], file_name: str, quantize: str
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "export-tflite",
+            "--run",
+            str(trained_run["run_dir"]),
+            *arguments,
+            "--output",
+            str(tmp_path),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (artifact,) = json.loads(result.stdout)["artifacts"]
+    assert (artifact["format"], artifact["quantize"]) == ("tflite", quantize)
+    assert Path(artifact["path"]) == tmp_path / file_name and (tmp_path / file_name).is_file()
+    assert artifact["agreement"] is not None and artifact["accuracy_delta"] >= -0.02
+    assert json.loads((tmp_path / "export.json").read_text())["verified"] is True
+
+
+def test_export_tflite_is_listed_and_documented() -> None:
+    listing = CliRunner().invoke(app, ["--help"])
+    assert listing.exit_code == 0
+    assert "export-tflite" in listing.stdout
+    usage = CliRunner().invoke(app, ["export-tflite", "--help"])
+    assert usage.exit_code == 0
+    assert "Export a trained run as TFLite" in usage.stdout
+    assert "imgclf export-tflite --quantize int8" in usage.stdout
+    assert "--quantize" in usage.stdout and "--saved-model" in usage.stdout
+
+
+@pytest.mark.parametrize(
+    ("file_name", "hint"),
+    [
+        ("best.keras", "its training did not complete an epoch"),
+        ("split.json", "pass --no-verify to export without checking"),
+    ],
+)
+def test_a_missing_run_file_is_one_error_naming_it(
+    trained_run: dict[str, Path], tmp_path: Path, file_name: str, hint: str
+) -> None:
+    run_copy = tmp_path / trained_run["run_dir"].name
+    shutil.copytree(trained_run["run_dir"], run_copy, ignore=shutil.ignore_patterns("export"))
+    (run_copy / file_name).unlink()
+    result = invoke("--tflite", "--run", str(run_copy), "--output", str(tmp_path / "export"))
+    assert result.exit_code == 1, result.output
+    assert f"Error: {run_copy.name} has no {file_name}" in result.stderr
+    assert hint in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_artifact_missing_its_threshold_exits_1_naming_it(
     trained_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imgclf_cli import exporting
+    from imgclf_cli import export_verification
 
     # No float32 artifact can agree on more than 100% of images.
-    monkeypatch.setitem(exporting.THRESHOLDS, "none", exporting.Threshold(min_agreement=1.01))
+    monkeypatch.setitem(
+        export_verification.THRESHOLDS, "none", export_verification.Threshold(min_agreement=1.01)
+    )
     result = invoke("--run", str(trained_run["run_dir"]), "--onnx", "--output", str(tmp_path), "--json")
     assert result.exit_code == 1, result.output
     (artifact,) = json.loads(result.stdout)["artifacts"]  # the report is still printed, on stdout
     assert artifact["agreement"] == 1.0
-    assert "Error: 1 exported artifact does not match the trained model: model.onnx (onnx none)" in result.stderr
+    assert (
+        "Error: 1 exported artifact does not match the trained model: model.onnx (onnx none)" in result.stderr
+    )
     assert "needs 101.0%" in result.stderr
     assert (tmp_path / "model.onnx").is_file()
     assert json.loads((tmp_path / "export.json").read_text())["problems"]
 
 
 def test_no_verify_reports_sizes_only(trained_run: dict[str, Path], tmp_path: Path) -> None:
-    result = invoke("--run", str(trained_run["run_dir"]), "--onnx", "--no-verify", "--output", str(tmp_path), "--json")
+    result = invoke(
+        "--run", str(trained_run["run_dir"]), "--onnx", "--no-verify", "--output", str(tmp_path), "--json"
+    )
     assert result.exit_code == 0, result.output
     (artifact,) = json.loads(result.stdout)["artifacts"]
     assert artifact["size_bytes"] > 0

@@ -1,21 +1,22 @@
-"""``imgclf export``: parse options, call ``imgclf_cli.exporting.export_run``, render the report."""
+"""``imgclf export`` and ``imgclf export-tflite``: parse options, call
+``imgclf_cli.exporting.export_run``, render the report."""
 
 from __future__ import annotations
 
-import contextlib
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
 
 from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption
-from imgclf_cli.console import err, format_cell, info, make_table, out, print_json, progress_enabled, warn
+from imgclf_cli.console import err, format_cell, make_table, out, print_json, status_callback, warn
 from imgclf_cli.errors import ExportVerificationError
 
 if TYPE_CHECKING:
-    from imgclf_cli.exporting import ArtifactReport, ExportReport
+    from imgclf_cli.export_verification import ArtifactReport
+    from imgclf_cli.exporting import ExportReport
 
 
 class Quantize(str, Enum):
@@ -25,44 +26,63 @@ class Quantize(str, Enum):
     int8 = "int8"
 
 
+# The options of both commands, defined once.
+QuantizeOption = Annotated[
+    list[Quantize] | None,
+    typer.Option(
+        "--quantize",
+        "-q",
+        help="TFLite quantization (repeatable; implies TFLite): none = float32, dynamic = int8 weights, "
+        "float16 = float16 weights, int8 = integer model calibrated on training images.",
+        show_default="none",
+        case_sensitive=False,
+    ),
+]
+SavedModelOption = Annotated[
+    bool, typer.Option("--saved-model", help="Export a SavedModel for TF Serving (saved_model/1/).")
+]
+OnnxOption = Annotated[
+    bool, typer.Option("--onnx", help="Export an ONNX model (needs: pip install 'imgclf\\[onnx]').")
+]
+AllFormatsOption = Annotated[
+    bool, typer.Option("--all", help="SavedModel, ONNX and TFLite in all four quantization modes.")
+]
+OutputOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--output", "-o", help="Folder for the artifacts.", file_okay=False, show_default="<run>/export/"
+    ),
+]
+VerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--verify/--no-verify", help="Compare every artifact with the Keras model on validation images."
+    ),
+]
+VerifyImagesOption = Annotated[
+    int, typer.Option("--verify-images", help="At most this many validation images for verification.", min=1)
+]
+CalibrationImagesOption = Annotated[
+    int,
+    typer.Option("--calibration-images", help="Training images used to calibrate --quantize int8.", min=1),
+]
+Int8IoOption = Annotated[
+    bool, typer.Option("--int8-io", help="With --quantize int8: uint8 input and output instead of float32.")
+]
+
+
 def export_command(
     run: RunOption = "latest",
     tflite: Annotated[bool, typer.Option("--tflite", help="Export a TFLite (LiteRT) model.")] = False,
-    quantize: Annotated[
-        Optional[list[Quantize]],
-        typer.Option(
-            "--quantize",
-            "-q",
-            help="TFLite quantization (repeatable; implies --tflite): none = float32, dynamic = int8 weights, "
-            "float16 = float16 weights, int8 = integer model calibrated on training images.",
-            show_default="none",
-            case_sensitive=False,
-        ),
-    ] = None,
-    saved_model: Annotated[
-        bool, typer.Option("--saved-model", help="Export a SavedModel for TF Serving (saved_model/1/).")
-    ] = False,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export an ONNX model (needs: pip install 'imgclf\\[onnx]').")] = False,
-    all_formats: Annotated[
-        bool, typer.Option("--all", help="SavedModel, ONNX and TFLite in all four quantization modes.")
-    ] = False,
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Folder for the artifacts.", file_okay=False, show_default="<run>/export/"),
-    ] = None,
-    verify: Annotated[
-        bool,
-        typer.Option("--verify/--no-verify", help="Compare every artifact with the Keras model on validation images."),
-    ] = True,
-    verify_images: Annotated[
-        int, typer.Option("--verify-images", help="At most this many validation images for verification.", min=1)
-    ] = 200,
-    calibration_images: Annotated[
-        int, typer.Option("--calibration-images", help="Training images used to calibrate --quantize int8.", min=1)
-    ] = 200,
-    int8_io: Annotated[
-        bool, typer.Option("--int8-io", help="With --quantize int8: uint8 input and output instead of float32.")
-    ] = False,
+    quantize: QuantizeOption = None,
+    saved_model: SavedModelOption = False,
+    onnx: OnnxOption = False,
+    all_formats: AllFormatsOption = False,
+    output: OutputOption = None,
+    verify: VerifyOption = True,
+    verify_images: VerifyImagesOption = 200,
+    calibration_images: CalibrationImagesOption = 200,
+    int8_io: Int8IoOption = False,
     runs_dir: RunsDirOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -79,9 +99,18 @@ def export_command(
     """
     from imgclf_cli.exporting import export_run
 
-    formats = [name for name, chosen in (("tflite", tflite), ("saved_model", saved_model), ("onnx", onnx), ("all", all_formats)) if chosen]
+    formats = [
+        name
+        for name, chosen in (
+            ("tflite", tflite),
+            ("saved_model", saved_model),
+            ("onnx", onnx),
+            ("all", all_formats),
+        )
+        if chosen
+    ]
     failure: ExportVerificationError | None = None
-    with progress_reporter(quiet=json_output) as on_progress:
+    with status_callback("Exporting", quiet=json_output) as on_progress:
         try:
             report = export_run(
                 run,
@@ -104,16 +133,47 @@ def export_command(
         raise failure
 
 
-@contextlib.contextmanager
-def progress_reporter(quiet: bool):  # type: ignore[no-untyped-def]
-    """A spinner on a terminal, plain lines on stderr otherwise, nothing with --json."""
-    if quiet:
-        yield None
-    elif progress_enabled():
-        with err.status("Exporting...") as status:
-            yield lambda message: status.update(f"{message}...")
-    else:
-        yield info
+def export_tflite_command(
+    run: RunOption = "latest",
+    quantize: QuantizeOption = None,
+    saved_model: SavedModelOption = False,
+    onnx: OnnxOption = False,
+    all_formats: AllFormatsOption = False,
+    output: OutputOption = None,
+    verify: VerifyOption = True,
+    verify_images: VerifyImagesOption = 200,
+    calibration_images: CalibrationImagesOption = 200,
+    int8_io: Int8IoOption = False,
+    runs_dir: RunsDirOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Export a trained run as TFLite (LiteRT) and verify it; the same as imgclf export --tflite.
+
+    Writes model.tflite (float32), or one file per --quantize mode, with the
+    labels and input size inside, and labels.txt, to <run>/export/ unless
+    --output. Every option of imgclf export applies: --saved-model, --onnx or
+    --all add those formats. Each artifact is compared with the Keras model on
+    validation images; the exit code is 1 when one misses its threshold.
+
+    Example:
+
+        imgclf export-tflite --quantize int8
+    """
+    export_command(
+        run=run,
+        tflite=True,
+        quantize=quantize,
+        saved_model=saved_model,
+        onnx=onnx,
+        all_formats=all_formats,
+        output=output,
+        verify=verify,
+        verify_images=verify_images,
+        calibration_images=calibration_images,
+        int8_io=int8_io,
+        runs_dir=runs_dir,
+        json_output=json_output,
+    )
 
 
 def render(report: ExportReport, json_output: bool) -> None:
@@ -127,8 +187,9 @@ def render(report: ExportReport, json_output: bool) -> None:
         err.print("Not verified (--no-verify).", highlight=False)
         return
     err.print(
-        f"Verified on {report.num_verify_images} validation image(s): agree = same top-1 class as the Keras model; "
-        "Δ acc in points; ms/img = one image per call; (bytes) = serving_default on the encoded files.",
+        f"Verified on {report.num_verify_images} validation image(s): "
+        "agree = same top-1 class as the Keras model; Δ acc in points; ms/img = one image per call; "
+        "(bytes) = serving_default on the encoded files.",
         highlight=False,
     )
     if not report.failures:
@@ -149,15 +210,27 @@ def report_table(report: ExportReport) -> Any:
     table.pad_edge = False
     if report.reference is not None:
         reference = report.reference
-        cells = [f"{Path(reference.path).name} (ref)", human_size(reference.size_bytes), "-", "-",
-                 percent(reference.accuracy), "-", milliseconds(reference.latency_ms)]
+        cells = [
+            f"{Path(reference.path).name} (ref)",
+            human_size(reference.size_bytes),
+            "-",
+            "-",
+            percent(reference.accuracy),
+            "-",
+            milliseconds(reference.latency_ms),
+        ]
         table.add_row(*cells, style="dim")
     artifacts = list(report.artifacts)
     if report.serving_check is not None:
-        position = next(index for index, artifact in enumerate(artifacts) if artifact.format == "saved_model") + 1
+        position = (
+            next(index for index, artifact in enumerate(artifacts) if artifact.format == "saved_model") + 1
+        )
         artifacts.insert(position, report.serving_check)
     for artifact in artifacts:
-        table.add_row(*(format_cell(cell) for cell in artifact_row(artifact, output)), style=None if artifact.passed else "bold red")
+        table.add_row(
+            *(format_cell(cell) for cell in artifact_row(artifact, output)),
+            style=None if artifact.passed else "bold red",
+        )
     return table
 
 
