@@ -249,9 +249,14 @@ def write_history(run_dir: Path, rows: list[dict[str, float]]) -> None:
     atomic_write_text(run_dir / HISTORY_FILE, buffer.getvalue())
 
 
+def best_model_file(run_dir: Path) -> Path:
+    """Where ``best.keras`` is written; it may not exist yet (see ``best_model_path``)."""
+    return run_dir / BEST_MODEL_FILE
+
+
 def best_model_path(run_dir: Path) -> Path:
     """``best.keras``, which must exist (a run that completed at least one epoch)."""
-    path = run_dir / BEST_MODEL_FILE
+    path = best_model_file(run_dir)
     if not path.is_file():
         raise missing(path, "its training did not complete an epoch; use another run (--run RUN)")
     return path

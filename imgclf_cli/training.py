@@ -199,7 +199,7 @@ class RunRecorder(keras.callbacks.Callback):
         save_model_atomically(self.model, store.last_checkpoint_path(self.run_dir))
         if improved:
             self.deployment_model.set_weights(self.model.get_weights())
-            save_model_atomically(self.deployment_model, self.run_dir / store.BEST_MODEL_FILE)
+            save_model_atomically(self.deployment_model, store.best_model_file(self.run_dir))
         store.write_history(self.run_dir, self.state.history)
         store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
         self.listener.on_epoch_end(
@@ -527,7 +527,7 @@ def train_run(
         val_loss=float(best["val_loss"]),
         train_seconds=round(train_seconds, 3),
         skipped_files=all_skipped,
-        model_path=str(run_dir / store.BEST_MODEL_FILE),
+        model_path=str(store.best_model_file(run_dir)),
         stopped_early=recorder.stopped_early,
     )
 
