@@ -8,12 +8,19 @@ existing model instead, ``--tflite`` to also export the model to .tflite and tim
 
     python bench/bench_predict.py [--images 1000] [--batch-size 32] [--model PATH] [--repeat 3]
                                   [--tflite] [--cli]
+    python bench/bench_predict.py --startup [--model model.tflite] [--image photo.jpg] [--runs 21]
 
 Reported separately: importing TensorFlow and loading the model in a new process, a first
 (warm-up) pass; then the median of ``--repeat`` runs of
 ``imgclf_cli.prediction.predict`` over all images (decoding + inference, files in the OS
 cache), of decoding alone and of inference alone; and, with ``--cli``, the wall time of the
 whole ``imgclf predict`` command in a new process.
+
+``--startup`` times only what a user waits for to classify one photo without TensorFlow:
+``imgclf predict IMAGE --model MODEL.tflite`` end to end, against importing what it cannot do
+without (LiteRT's interpreter, NumPy and Pillow; Typer and Rich), each the median of ``--runs``
+new processes (see ``bench_startup.py``). The goal is at most 1.5 times the imports. Without
+``--model`` a small model is trained and exported to .tflite first (not timed).
 """
 
 from __future__ import annotations
@@ -67,7 +74,6 @@ def train_small_model(data_dir: Path, workspace: Path) -> Path:
         subset,
         flags={"train.epochs": 1, "data.image_size": 32, "data.batch_size": 32},
         runs_dir=workspace / "runs",
-        quiet=True,
     )
     return Path(result.run_dir)
 
@@ -151,6 +157,28 @@ def time_model(
         print(f"{label:32s} {wall:6.2f} s  {count / wall:7.0f} images/s  (start-up and model load included)")
 
 
+def time_startup(tflite_model: str, image: str, runs: int) -> None:
+    """Print the end-to-end ``imgclf predict`` of one image against the imports it needs."""
+    from bench_startup import imgclf_command, median_times, print_table
+
+    runtime, interface = "import ai_edge_litert.interpreter, numpy, PIL.Image", "import typer, rich.console"
+    both = "both imports, one process"
+    command = f"imgclf predict IMAGE --model {Path(tflite_model).name}"
+    times = median_times(
+        {
+            runtime: [sys.executable, "-c", runtime],
+            interface: [sys.executable, "-c", interface],
+            both: [sys.executable, "-c", f"{runtime}, typer, rich.console"],
+            command: [*imgclf_command(), "predict", image, "--model", tflite_model],
+        },
+        runs,
+    )
+    print(f"\nmodel: {tflite_model}\nimage: {image}")
+    print_table(times, both, runs)
+    separate = times[runtime][0] + times[interface][0]
+    print(f"{command}: {times[command][0] / separate:.2f}x the two imports timed apart ({separate:.3f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders to take images from")
@@ -166,12 +194,34 @@ def main() -> None:
         "--tflite", action="store_true", help="also export the model (a run) to .tflite and time it"
     )
     parser.add_argument("--cli", action="store_true", help="also time the whole `imgclf predict` command")
+    parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="only time `imgclf predict IMAGE --model MODEL.tflite` end to end against its imports",
+    )
+    parser.add_argument("--image", help="with --startup: the image to predict (default: one from --data)")
+    parser.add_argument("--runs", type=int, default=21, help="with --startup: new processes per figure")
     arguments = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     workspace = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     try:
         model: str | None = arguments.model
+        if arguments.startup and not (model or "").endswith(".tflite"):
+            from imgclf_cli.exporting import export_run
+
+            if model is None and arguments.run is None:
+                print(f"Training a small model on {arguments.data} (not timed)...", file=sys.stderr)
+                model = str(train_small_model(arguments.data, workspace))
+            print("Exporting it to .tflite (not timed)...", file=sys.stderr)
+            exported = export_run(
+                model or arguments.run, formats=("tflite",), verify=False, runs_dir=arguments.runs_dir
+            )
+            model = str(exported.artifacts[0].path)
+        if arguments.startup:
+            image = arguments.image or pick_images(arguments.data, 1, skip=30)[0]
+            time_startup(str(model), image, arguments.runs)
+            return
         if model is None and arguments.run is None:
             print(f"Training a small model on {arguments.data} (not timed)...", file=sys.stderr)
             model = str(train_small_model(arguments.data, workspace))

@@ -54,7 +54,7 @@ def find_labels(model_path: Path) -> list[str]:
             return [str(label) for label in json.loads(json_file.read_text(encoding="utf-8"))]
         text_file = candidate / "labels.txt"
         if text_file.is_file():
-            return [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return read_labels_text(text_file)
     raise ModelError(
         f"No labels found for {model_path}",
         "keep labels.json (or labels.txt) beside the model, or pass --run",
@@ -103,27 +103,56 @@ def check_metadata_labels(metadata: dict[str, Any], path: Path) -> list[str] | N
     if labels is None:
         return None
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise ModelError(f"The labels stored in {path} are malformed: {labels!r}", "re-export the model with imgclf export")
+        raise ModelError(
+            f"The labels stored in {path} are malformed: {labels!r}", "re-export the model with imgclf export"
+        )
     return list(labels)
+
+
+# Vtable slots (4 + 2 * field id) of the fields read_tflite_metadata needs, from LiteRT's
+# schema.fbs: Model.buffers (id 4) and Model.metadata (6); Metadata.name (0) and .buffer (1);
+# Buffer.data (0), .offset (1) and .size (2) (offset and size for data kept after the
+# flatbuffer, in models over 2 GB).
+MODEL_BUFFERS, MODEL_METADATA = 12, 16
+METADATA_NAME, METADATA_BUFFER = 4, 6
+BUFFER_DATA, BUFFER_OFFSET, BUFFER_SIZE = 4, 6, 8
 
 
 def read_tflite_metadata(model_content: bytes) -> dict[str, Any]:
     """The ``imgclf`` metadata entry of a TFLite flatbuffer (``{}`` when it has none).
 
-    Uses the flatbuffer schema shipped with ai-edge-litert, reading only the metadata table
-    (no copy of the weights).
+    Reads only the metadata table, with the flatbuffers runtime and the field slots of LiteRT's
+    schema: the generated schema module (``ai_edge_litert.schema_py_generated``, 20,000 lines)
+    would take longer to import than the whole prediction of an image.
     """
-    from ai_edge_litert import schema_py_generated as schema
+    from flatbuffers import encode, number_types, table
 
-    model = schema.Model.GetRootAs(model_content, 0)
-    for index in range(model.MetadataLength()):
-        entry = model.Metadata(index)
-        if entry.Name() is not None and entry.Name().decode("utf-8") == MODEL_METADATA_KEY:
-            data = model.Buffers(entry.Buffer()).DataAsNumpy()
-            try:
-                return dict(json.loads(bytes(data).decode("utf-8")))
-            except (ValueError, TypeError):
-                return {}
+    def field(struct: table.Table, slot: int, flags: Any, default: int = 0) -> int:
+        offset = struct.Offset(slot)
+        return struct.Get(flags, struct.Pos + offset) if offset else default
+
+    def vector_item(struct: table.Table, slot: int, index: int) -> table.Table:
+        return table.Table(struct.Bytes, struct.Indirect(struct.Vector(struct.Offset(slot)) + 4 * index))
+
+    model = table.Table(model_content, encode.Get(number_types.UOffsetTFlags.packer_type, model_content, 0))
+    metadata_slot = model.Offset(MODEL_METADATA)
+    for index in range(model.VectorLen(metadata_slot) if metadata_slot else 0):
+        entry = vector_item(model, MODEL_METADATA, index)
+        name_slot = entry.Offset(METADATA_NAME)
+        if not name_slot or entry.String(entry.Pos + name_slot) != MODEL_METADATA_KEY.encode():
+            continue
+        buffer = vector_item(model, MODEL_BUFFERS, field(entry, METADATA_BUFFER, number_types.Uint32Flags))
+        data_slot = buffer.Offset(BUFFER_DATA)
+        if data_slot:
+            start = buffer.Vector(data_slot)
+            data = model_content[start : start + buffer.VectorLen(data_slot)]
+        else:
+            start = field(buffer, BUFFER_OFFSET, number_types.Uint64Flags)
+            data = model_content[start : start + field(buffer, BUFFER_SIZE, number_types.Uint64Flags)]
+        try:
+            return dict(json.loads(bytes(data).decode("utf-8")))
+        except (ValueError, TypeError):
+            return {}
     return {}
 
 
@@ -160,7 +189,9 @@ def quantize(images: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     if dtype.kind == "f":
         return images.astype(dtype)
     scale, zero_point = detail["quantization"]
-    values = images.astype(np.float32) if not scale else np.round(images.astype(np.float32) / scale + zero_point)
+    values = images.astype(np.float32)
+    if scale:
+        values = np.round(values / scale + zero_point)
     limits = np.iinfo(dtype)
     return np.clip(values, limits.min, limits.max).astype(dtype)
 
@@ -181,18 +212,26 @@ def image_size_from_shape(shape: Any, path: Path) -> tuple[int, int]:
             "expected (batch, height, width, 3), as written by imgclf export",
         )
     height, width = dims[1], dims[2]
-    if not isinstance(height, (int, np.integer)) or not isinstance(width, (int, np.integer)) or height < 1 or width < 1:
-        raise ModelError(f"{path} takes images of any size ({dims}); imgclf needs a fixed input size", "export it with imgclf export")
+    sizes_known = isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))
+    if not sizes_known or height < 1 or width < 1:
+        raise ModelError(
+            f"{path} takes images of any size ({dims}); imgclf needs a fixed input size",
+            "export it with imgclf export",
+        )
     return (int(height), int(width))
 
 
 def load_tflite_predictor(path: Path, labels: list[str] | None = None) -> TFLitePredictor:
     from ai_edge_litert.interpreter import Interpreter
 
+    from imgclf_cli.quiet_logs import native_stderr_filtered
+
     content = path.read_bytes()
     try:
-        interpreter = Interpreter(model_content=content, num_threads=default_threads())
-        interpreter.allocate_tensors()
+        # LiteRT announces its XNNPACK delegate on stderr (from C++, once per process).
+        with native_stderr_filtered():
+            interpreter = Interpreter(model_content=content, num_threads=default_threads())
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as error:
         raise ModelError(f"Could not load TFLite model {path}: {str(error).splitlines()[0][:300]}") from None
     metadata = read_tflite_metadata(content)
@@ -268,7 +307,11 @@ def saved_model_version_dir(path: Path) -> Path | None:
     """The folder holding ``saved_model.pb``: ``path`` itself or its highest numbered version."""
     if (path / SAVED_MODEL_FILE).is_file():
         return path
-    versions = [child for child in path.iterdir() if child.is_dir() and child.name.isdigit() and (child / SAVED_MODEL_FILE).is_file()]
+    versions = [
+        child
+        for child in path.iterdir()
+        if child.is_dir() and child.name.isdigit() and (child / SAVED_MODEL_FILE).is_file()
+    ]
     return max(versions, key=lambda child: int(child.name)) if versions else None
 
 
@@ -283,7 +326,8 @@ def load_saved_model_predictor(path: Path, labels: list[str] | None = None) -> S
     specs = signature.structured_input_signature[1] if signature is not None else {}
     if signature is None or len(specs) != 1 or next(iter(specs.values())).dtype != tf.float32:
         raise ModelError(
-            f"{path} has no signature taking float images (looked for {IMAGES_SIGNATURE!r} and 'serving_default')",
+            f"{path} has no signature taking float images "
+            f"(looked for {IMAGES_SIGNATURE!r} and 'serving_default')",
             "export the model with imgclf export --saved-model",
         )
     input_name, spec = next(iter(specs.items()))
@@ -307,17 +351,19 @@ def load_predictor(
     """
     if model is None:
         run_dir = store.resolve_run(run or "latest", runs_dir)
-        return load_keras_predictor(run_dir / store.BEST_MODEL_FILE, store.read_labels(run_dir))
+        return load_keras_predictor(store.best_model_path(run_dir), store.read_labels(run_dir))
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelError(f"Model not found: {path}", SUPPORTED_MODELS_HINT)
     if path.is_dir():
         if store.is_run_dir(path):
-            return load_keras_predictor(path / store.BEST_MODEL_FILE, store.read_labels(path))
+            return load_keras_predictor(store.best_model_path(path), store.read_labels(path))
         version_dir = saved_model_version_dir(path)
         if version_dir is not None:
             return load_saved_model_predictor(version_dir)
-        raise ModelError(f"{path} is neither a run folder nor a SavedModel (no {SAVED_MODEL_FILE})", SUPPORTED_MODELS_HINT)
+        raise ModelError(
+            f"{path} is neither a run folder nor a SavedModel (no {SAVED_MODEL_FILE})", SUPPORTED_MODELS_HINT
+        )
     suffix = path.suffix.lower()
     if suffix == ".keras":
         return load_keras_predictor(path)

@@ -14,17 +14,19 @@ import io
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgclf_cli.dataset import is_hidden_or_system
+from imgclf_cli.dataset_layout import is_hidden_or_system
 from imgclf_cli.errors import DatasetError, ImgclfError, UsageError
 from imgclf_cli.images import UnreadableImage, load_image, read_header
 from imgclf_cli.inference import Predictor, load_predictor
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 # A file found in a folder or by a glob is predicted when its content reads as an image. One
 # that does not is still reported (as unreadable) when its name says it is meant to be an
@@ -190,20 +192,21 @@ def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
+def decode(path: str, image_size: tuple[int, int]) -> np.ndarray | UnreadableImage:
+    """One image decoded as in training, or the ``UnreadableImage`` saying why it cannot be."""
+    try:
+        return load_image(path, image_size)
+    except UnreadableImage as error:
+        return error
+    except OSError as error:  # vanished or not permitted since it was listed
+        return UnreadableImage(path, str(error.strerror or error))
+
+
 def decode_batch(
     pool: ThreadPoolExecutor, paths: Sequence[str], image_size: tuple[int, int]
 ) -> list[np.ndarray | UnreadableImage]:
     """Decode ``paths`` in parallel, in order; an unreadable file gives its ``UnreadableImage``."""
-
-    def decode(path: str) -> np.ndarray | UnreadableImage:
-        try:
-            return load_image(path, image_size)
-        except UnreadableImage as error:
-            return error
-        except OSError as error:  # vanished or not permitted since it was listed
-            return UnreadableImage(path, str(error.strerror or error))
-
-    return list(pool.map(decode, paths))
+    return list(pool.map(decode, paths, [image_size] * len(paths)))
 
 
 def decoded_batches(
@@ -211,6 +214,11 @@ def decoded_batches(
 ) -> Iterator[tuple[Sequence[str], list[np.ndarray | UnreadableImage]]]:
     """``(paths, decoded)`` per batch, in order; the next batch is decoded while the caller
     works on the current one (the model releases the GIL while it runs)."""
+    if len(paths) == 1:  # nothing to overlap: no threads to start
+        yield paths, [decode(paths[0], image_size)]
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
     workers = workers or min(8, (os.cpu_count() or 2) + 2)
     chunks = list(batches(paths, batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
@@ -262,7 +270,7 @@ def predict_paths(
     results: list[PredictionResult] = []
     for chunk, decoded in decoded_batches(paths, predictor.image_size, batch_size):
         probabilities = iter(predict_decoded(predictor, decoded))
-        for path, item in zip(chunk, decoded):
+        for path, item in zip(chunk, decoded, strict=True):
             if isinstance(item, UnreadableImage):
                 results.append(PredictionResult(path, error=item.reason))
                 if on_unreadable:

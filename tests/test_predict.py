@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CLASS_COLOURS, make_class_folders
 from imgclf_cli.cli.app import app
 from imgclf_cli.prediction import collect_paths
+
+from conftest import CLASS_COLOURS, make_class_folders
 
 runner = CliRunner()
 LABELS = sorted(CLASS_COLOURS)
@@ -230,6 +231,48 @@ def test_help_has_an_example() -> None:
     assert "Example:" in result.stdout
     for option in ("--run", "--model", "--top-k", "--format", "--output", "--batch-size"):
         assert option in result.stdout
+
+
+def tflite_flatbuffer(metadata: dict[str, bytes], external: bool = False) -> bytes:
+    """A model flatbuffer with only buffers and named metadata, as the LiteRT schema writes it;
+    ``external`` keeps the metadata's bytes after the flatbuffer (as models over 2 GB do)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    def pack(offset: int = 0) -> bytes:
+        model = schema.ModelT()
+        model.version, model.buffers, model.metadata = 3, [schema.BufferT()], []
+        for name, payload in metadata.items():
+            buffer = schema.BufferT()
+            if external:
+                buffer.offset, buffer.size = offset, len(payload)
+            else:
+                buffer.data = np.frombuffer(payload, dtype=np.uint8)
+            model.buffers.append(buffer)
+            entry = schema.MetadataT()
+            entry.name, entry.buffer = name, len(model.buffers) - 1
+            model.metadata.append(entry)
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    if not external:
+        return pack()
+    (payload,) = metadata.values()
+    head = pack(offset=1)  # same size whatever the offset: only its value changes
+    return pack(offset=len(head)) + payload
+
+
+def test_read_tflite_metadata_reads_the_imgclf_entry() -> None:
+    from imgclf_cli.inference import read_tflite_metadata
+
+    stored = {"labels": ["b", "a"], "image_size": [8, 6]}
+    encoded = json.dumps(stored).encode()
+    with_others = tflite_flatbuffer({"min_runtime_version": b"1.5.0", "imgclf": encoded})
+    assert read_tflite_metadata(with_others) == stored
+    assert read_tflite_metadata(tflite_flatbuffer({"imgclf": encoded}, external=True)) == stored
+    assert read_tflite_metadata(tflite_flatbuffer({"CONVERSION_METADATA": b"x"})) == {}
+    assert read_tflite_metadata(tflite_flatbuffer({"imgclf": b"not json"})) == {}
 
 
 LIGHT_PREDICTION = """

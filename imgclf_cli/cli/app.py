@@ -1,12 +1,18 @@
-"""The ``imgclf`` Typer app: command registration and the one error boundary.
+"""The ``imgclf`` Typer app: command registration, the one error boundary, ``main()``.
 
 Known errors (``ImgclfError``) become ``Error: ...`` / ``Hint: ...`` on stderr with exit code 1
-(2 for usage errors); set ``IMGCLF_DEBUG=1`` to see tracebacks instead.
+(2 for usage errors); set ``IMGCLF_DEBUG=1`` to see tracebacks (and TensorFlow's start-up
+logs) instead.
+
+Every command module is imported here, for every command and for ``--help``: they import only
+Typer, Rich and light ``imgclf_cli`` modules at module level, and the library (TensorFlow,
+NumPy, Pillow...) inside the command function.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -14,23 +20,27 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from imgclf_cli import __version__
+from imgclf_cli import __version__, quiet_logs
 from imgclf_cli.cli import evaluate, export, inspect_dataset, predict, train
+from imgclf_cli.cli.options import HelpOption, flag
 from imgclf_cli.console import err
 from imgclf_cli.errors import ImgclfError
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is noise for CLI users.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 app = typer.Typer(
     name="imgclf",
-    help="Train, evaluate, export and run image classifiers from a folder of images (one sub-folder per class).",
+    help="Train, evaluate, export and run image classifiers from a folder of images "
+    "(one sub-folder per class).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    # Typer's own --help is replaced by options.HelpOption, on the group and on every command.
+    context_settings={"help_option_names": []},
+)
+HELP_PARAMETER = inspect.Parameter(
+    "show_help", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=HelpOption
 )
 
 
@@ -41,10 +51,12 @@ def render_error(error: ImgclfError) -> None:
 
 
 def error_boundary(command: Command) -> Command:
-    """Turn known errors into one clear message and an exit code, never a traceback."""
+    """Register every command through this: it turns known errors into one clear message and an
+    exit code, never a traceback, and gives the command its ``--help`` (``HELP_PARAMETER``)."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, show_help: bool = False, **kwargs: Any) -> Any:
+        # show_help is always False here: --help prints the help and exits while parsing.
         try:
             return command(*args, **kwargs)
         except ImgclfError as error:
@@ -56,6 +68,10 @@ def error_boundary(command: Command) -> Command:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
 
+    signature = inspect.signature(command, eval_str=True)
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), HELP_PARAMETER]
+    )
     return wrapper  # type: ignore[return-value]
 
 
@@ -69,8 +85,9 @@ def show_version(value: bool) -> None:
 def root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=show_version, is_eager=True, help="Show the version and exit."),
+        flag("--version", callback=show_version, is_eager=True, help="Show the version and exit."),
     ] = False,
+    show_help: HelpOption = False,
 ) -> None:
     """Turn a folder of images (one sub-folder per class) into a trained, evaluated, exported classifier."""
 
@@ -79,10 +96,12 @@ app.command("train")(error_boundary(train.train_command))
 app.command("evaluate")(error_boundary(evaluate.evaluate_command))
 app.command("predict")(error_boundary(predict.predict_command))
 app.command("export")(error_boundary(export.export_command))
+app.command("export-tflite")(error_boundary(export.export_tflite_command))
 app.command("inspect-dataset")(error_boundary(inspect_dataset.inspect_dataset_command))
 
 
 def main() -> None:
+    quiet_logs.install()
     app()
 
 

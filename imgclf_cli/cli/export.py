@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 
-from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption
+from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption, flag
 from imgclf_cli.console import err, format_cell, make_table, out, print_json, status_callback, warn
 from imgclf_cli.errors import ExportVerificationError
 
@@ -36,16 +36,17 @@ QuantizeOption = Annotated[
         "float16 = float16 weights, int8 = integer model calibrated on training images.",
         show_default="none",
         case_sensitive=False,
+        metavar="none|dynamic|float16|int8",
     ),
 ]
 SavedModelOption = Annotated[
-    bool, typer.Option("--saved-model", help="Export a SavedModel for TF Serving (saved_model/1/).")
+    bool, flag("--saved-model", help="Export a SavedModel for TF Serving (saved_model/1/).")
 ]
 OnnxOption = Annotated[
-    bool, typer.Option("--onnx", help="Export an ONNX model (needs: pip install 'imgclf\\[onnx]').")
+    bool, flag("--onnx", help="Export an ONNX model (needs: pip install 'imgclf\\[onnx]').")
 ]
 AllFormatsOption = Annotated[
-    bool, typer.Option("--all", help="SavedModel, ONNX and TFLite in all four quantization modes.")
+    bool, flag("--all", help="SavedModel, ONNX and TFLite in all four quantization modes.")
 ]
 OutputOption = Annotated[
     Path | None,
@@ -55,9 +56,7 @@ OutputOption = Annotated[
 ]
 VerifyOption = Annotated[
     bool,
-    typer.Option(
-        "--verify/--no-verify", help="Compare every artifact with the Keras model on validation images."
-    ),
+    flag("--verify/--no-verify", help="Compare every artifact with the Keras model on validation images."),
 ]
 VerifyImagesOption = Annotated[
     int, typer.Option("--verify-images", help="At most this many validation images for verification.", min=1)
@@ -67,13 +66,13 @@ CalibrationImagesOption = Annotated[
     typer.Option("--calibration-images", help="Training images used to calibrate --quantize int8.", min=1),
 ]
 Int8IoOption = Annotated[
-    bool, typer.Option("--int8-io", help="With --quantize int8: uint8 input and output instead of float32.")
+    bool, flag("--int8-io", help="With --quantize int8: uint8 input and output instead of float32.")
 ]
 
 
 def export_command(
     run: RunOption = "latest",
-    tflite: Annotated[bool, typer.Option("--tflite", help="Export a TFLite (LiteRT) model.")] = False,
+    tflite: Annotated[bool, flag("--tflite", help="Export a TFLite (LiteRT) model.")] = False,
     quantize: QuantizeOption = None,
     saved_model: SavedModelOption = False,
     onnx: OnnxOption = False,

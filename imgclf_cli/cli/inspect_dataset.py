@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from imgclf_cli.cli.options import JsonOption
+from imgclf_cli.cli.options import JsonOption, flag
 from imgclf_cli.console import err, make_progress, make_table, out, print_json, progress_enabled
 
 # The report's dataclasses and defaults only: NumPy and Pillow load when the command runs.
@@ -44,7 +44,7 @@ def inspect_dataset_command(
     ] = None,
     strict: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--strict",
             help="Exit with code 1 when errors are found (undecodable files, classes without images, "
             "images filed under two classes, images in two splits). Warnings never fail.",
@@ -52,7 +52,7 @@ def inspect_dataset_command(
     ] = False,
     near_duplicates: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--near-duplicates/--no-near-duplicates",
             help="Look for near-identical images (re-encoded, resized) with a perceptual hash.",
         ),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -41,7 +41,7 @@ def predict_command(
         ),
     ],
     run: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--run",
             help="Run id, run folder, or 'latest' (the newest completed run); the default without --model.",
@@ -50,7 +50,7 @@ def predict_command(
         ),
     ] = None,
     model: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--model",
             help="A run folder, a .keras file, a SavedModel folder, a .tflite or an .onnx file "
@@ -67,7 +67,7 @@ def predict_command(
         ),
     ] = 3,
     output_format: Annotated[
-        Optional[OutputFormat],
+        OutputFormat | None,
         typer.Option(
             "--format",
             help="table, json (one array) or csv. "
@@ -77,7 +77,7 @@ def predict_command(
         ),
     ] = None,
     output: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--output",
             "-o",
@@ -105,7 +105,9 @@ def predict_command(
             "--run and --model were both given", "pass either --model FILE or --run RUN, not both"
         )
     chosen = resolve_format(output_format, output)
-    with progress_callbacks("Predicting") as (on_start, on_progress):
+    # No progress bar for one file: it would be drawn and erased within milliseconds.
+    one_file = len(paths) == 1 and Path(paths[0]).is_file()
+    with progress_callbacks("Predicting", quiet=one_file) as (on_start, on_progress):
         report = predict(
             paths,
             model=model,

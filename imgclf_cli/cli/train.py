@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from imgclf_cli.cli.options import JsonOption, RunsDirOption
+from imgclf_cli.cli.options import JsonOption, RunsDirOption, flag
 from imgclf_cli.console import (
     err,
     make_progress,
@@ -86,7 +86,7 @@ def train_command(
     ] = None,
     json_output: JsonOption = False,
     print_config: Annotated[
-        bool, typer.Option("--print-config", help="Print every config key with its default (YAML) and exit.")
+        bool, flag("--print-config", help="Print every config key with its default (YAML) and exit.")
     ] = False,
 ) -> None:
     """Train an image classifier on DATA_DIR and save it as a new run.
