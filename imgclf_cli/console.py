@@ -6,7 +6,6 @@ Results go to stdout (``out``); progress, warnings and errors go to stderr (``er
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +31,8 @@ def progress_enabled() -> bool:
 
 def print_json(document: Any) -> None:
     """Write one JSON document to stdout, bypassing Rich so nothing is wrapped or highlighted."""
+    import json
+
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     sys.stdout.flush()
 

@@ -42,9 +42,7 @@ QuantizeOption = Annotated[
 SavedModelOption = Annotated[
     bool, flag("--saved-model", help="Export a SavedModel for TF Serving (saved_model/1/).")
 ]
-OnnxOption = Annotated[
-    bool, flag("--onnx", help="Export an ONNX model (needs: pip install 'imgclf\\[onnx]').")
-]
+OnnxOption = Annotated[bool, flag("--onnx", help="Export an ONNX model (needs: pip install 'imgclf[onnx]').")]
 AllFormatsOption = Annotated[
     bool, flag("--all", help="SavedModel, ONNX and TFLite in all four quantization modes.")
 ]
