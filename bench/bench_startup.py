@@ -4,8 +4,9 @@ Every figure is the median over ``--runs`` new processes (each command once per 
 interleaved so that a busy moment does not land on one command only, after one untimed warm-up
 round): wall seconds, and CPU seconds (user + system of the child, which depend less on what
 else the machine runs). The ratio is to the bare import of Typer and Rich; the goal is at most
-1.5. The last reference line is the floor Typer's Rich help panels set: ``typer.rich_utils``
-imports ``rich.markdown`` (markdown-it, Pygments) and ``rich.traceback`` whatever the markup mode.
+1.5. The last line is for reference: what Typer's Rich help panels alone would cost
+(``typer.rich_utils`` imports ``rich.markdown``, markdown-it, Pygments and ``rich.traceback``),
+which is why ``imgclf`` uses plain help (``rich_markup_mode=None``).
 
     python bench/bench_startup.py [--runs 21]
 """
@@ -89,7 +90,7 @@ def main() -> None:
     commands = {BARE_IMPORT: [sys.executable, "-c", BARE_IMPORT], "imgclf --help": [*imgclf, "--help"]}
     for name in command_names():
         commands[f"imgclf {name} --help"] = [*imgclf, name, "--help"]
-    commands[f"{HELP_FLOOR} (floor)"] = [sys.executable, "-c", HELP_FLOOR]
+    commands[f"{HELP_FLOOR} (Rich help, unused)"] = [sys.executable, "-c", HELP_FLOOR]
     print(
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}; imgclf = {' '.join(imgclf)}"
