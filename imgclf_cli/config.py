@@ -60,6 +60,9 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 12
+    """With train.time_budget, the most epochs when given (--epochs, --set or a config file)."""
+    time_budget: str = "none"
+    """none, or the wall time of the whole command (90s, 5m, 1.5h): the epochs and the learning-rate schedule are fitted to it."""  # noqa: E501 (one line: it is the --print-config comment)
     learning_rate: float = 0.002
     weight_decay: float = 0.0001
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -226,10 +229,59 @@ def validate(config: Config) -> None:
         (0.0 <= config.model.dropout < 1.0, "model.dropout", "a value in [0, 1)"),
         (config.train.early_stopping_patience >= 0, "train.early_stopping_patience", "0 or more"),
         (config.train.warmup_epochs >= 0, "train.warmup_epochs", "0 or more"),
+        (
+            valid_time_budget(config.train.time_budget),
+            "train.time_budget",
+            "none or a duration: 90s, 5m, 1.5h",
+        ),
     ]
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"Config key '{key}' expects {expected}, got {lookup(config, key)!r}")
+
+
+def valid_time_budget(text: str) -> bool:
+    from imgclf_cli.time_budget import parse_duration
+
+    if str(text).strip().lower() == "none":
+        return True
+    try:
+        parse_duration(str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def time_budget_seconds(config: Config) -> float | None:
+    """``train.time_budget`` in seconds; ``None`` without a budget."""
+    from imgclf_cli.time_budget import parse_duration
+
+    text = str(config.train.time_budget).strip()
+    return None if text.lower() == "none" else parse_duration(text)
+
+
+def given_keys(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> set[str]:
+    """The dotted keys the user set (in the file, with ``--set`` or a flag), not left at default."""
+
+    def flatten(values: dict[str, Any], prefix: str = "") -> set[str]:
+        keys: set[str] = set()
+        for key, value in values.items():
+            dotted = f"{prefix}{key}"
+            keys |= (
+                flatten(value, f"{dotted}.")
+                if isinstance(value, dict) and dotted != "train.class_weights"
+                else {dotted}
+            )
+        return keys
+
+    keys = flatten(load_yaml(config_file)) if config_file else set()
+    keys |= {parse_override(text)[0] for text in overrides or []}
+    keys |= {key for key, value in (flags or {}).items() if value is not None}
+    return keys
 
 
 def lookup(config: Config, dotted: str) -> Any:

@@ -26,3 +26,17 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 4 * 1024**3
+
+
+def seconds_since_process_start() -> float:
+    """How long ago this process started (Linux: from /proc; elsewhere 0, i.e. now)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            # The command name (field 2) may hold spaces; the fields after it are plain numbers.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            seconds_since_boot = float(uptime.read().split()[0])
+        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, seconds_since_boot - started_after_boot)

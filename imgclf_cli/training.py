@@ -15,7 +15,7 @@ import platform
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from imgclf_cli import __version__, store
-from imgclf_cli.config import Config, resolve_config
+from imgclf_cli.config import Config, given_keys, resolve_config, time_budget_seconds
 from imgclf_cli.dataset import (
     DatasetScan,
     SplitManifest,
@@ -36,13 +36,22 @@ from imgclf_cli.dataset import (
 from imgclf_cli.errors import DatasetError, RunNotFoundError, TrainingInterrupted
 from imgclf_cli.models import build_model, canonical_model_name, load_model
 from imgclf_cli.pipeline import DecodeFailures, make_dataset
-from imgclf_cli.training_events import EpochEnded, TrainingListener, TrainingStarted
+from imgclf_cli.time_budget import BudgetClock
+from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, TrainingState
+from imgclf_cli.training_events import TrainingListener, TrainingStarted
 from imgclf_cli.training_recipe import (
     choose_strategy,
     class_weights_for,
     configure_precision,
     make_optimizer,
 )
+
+STOPPED_BY_EPOCHS = "epochs"
+STOPPED_BY_EARLY_STOPPING = "early_stopping"
+STOPPED_BY_TIME_BUDGET = "time_budget"
+STOPPED_BY_INTERRUPT = "interrupt"
+# fit() needs a number of epochs: with a time budget and no epoch cap, one the clock never reaches.
+UNLIMITED_EPOCHS = 100_000
 
 
 @dataclass
@@ -62,53 +71,13 @@ class TrainResult:
     num_test: int = 0
     model_path: str = ""
     stopped_early: bool = False
+    time_budget: float | None = None
+    """``train.time_budget`` in seconds (``None``: no budget)."""
+    stopped_by: str = STOPPED_BY_EPOCHS
+    """What ended training: ``epochs``, ``early_stopping`` or ``time_budget`` (``interrupt`` in meta.json)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class TrainingState:
-    """What the epoch callback keeps across epochs (and rebuilds from history.csv on resume)."""
-
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_accuracy: float = -1.0
-    best_val_loss: float = math.inf
-    epochs_without_improvement: int = 0
-
-    def is_improvement(self, row: dict[str, float]) -> bool:
-        """Best = highest validation accuracy; ties broken by lower validation loss."""
-        accuracy, loss = row["val_accuracy"], row["val_loss"]
-        return accuracy > self.best_val_accuracy + 1e-9 or (
-            abs(accuracy - self.best_val_accuracy) <= 1e-9 and loss < self.best_val_loss
-        )
-
-    def record(self, row: dict[str, float]) -> bool:
-        self.history.append(row)
-        improved = self.is_improvement(row)
-        if improved:
-            self.best_epoch = int(row["epoch"])
-            self.best_val_accuracy = row["val_accuracy"]
-            self.best_val_loss = row["val_loss"]
-        # Patience counts epochs where neither accuracy nor loss got better.
-        best_loss_before = min((earlier["val_loss"] for earlier in self.history[:-1]), default=math.inf)
-        if improved or row["val_loss"] < best_loss_before:
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        return improved
-
-    def best_row(self) -> dict[str, float]:
-        """The history row of the best epoch (there must be one)."""
-        return next(row for row in self.history if int(row["epoch"]) == self.best_epoch)
-
-    @classmethod
-    def from_history(cls, rows: list[dict[str, float]]) -> TrainingState:
-        state = cls()
-        for row in rows:
-            state.record(row)
-        return state
 
 
 def library_versions() -> dict[str, str]:
@@ -125,108 +94,6 @@ def library_versions() -> dict[str, str]:
         "scikit-learn": sklearn.__version__,
         "platform": platform.platform(),
     }
-
-
-def save_model_atomically(model: keras.Model, path: Path) -> None:
-    store.atomic_write(path, lambda temporary: model.save(temporary), suffix=".keras")
-
-
-class RunRecorder(keras.callbacks.Callback):
-    """After each epoch: history.csv, last.keras, best.keras on improvement, early stopping.
-
-    Keras' ModelCheckpoint/CSVLogger/EarlyStopping are not used because they write in place
-    (a crash can leave half a file) and cannot restore their state for ``--resume``.
-    ``best.keras`` is the deployment artifact, so it is saved from ``deployment_model`` (the
-    same architecture, never compiled): no optimizer state, a third of the size of
-    ``last.keras``, which keeps the optimizer for ``--resume``.
-    """
-
-    def __init__(
-        self,
-        run_dir: Path,
-        state: TrainingState,
-        patience: int,
-        total_epochs: int,
-        deployment_model: keras.Model,
-        listener: TrainingListener,
-    ) -> None:
-        super().__init__()
-        self.run_dir = run_dir
-        self.state = state
-        self.patience = patience
-        self.total_epochs = total_epochs
-        self.deployment_model = deployment_model
-        self.listener = listener
-        self.epoch_started = 0.0
-        self.stopped_early = False
-        self.train_batches = 0
-        self.val_batches = 0
-        # "training" or "validation" when that stream held no decodable image at all.
-        self.empty_split: str | None = None
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.epoch_started = time.perf_counter()
-        self.train_batches = self.val_batches = 0
-        self.listener.on_epoch_start(epoch + 1)
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.train_batches += 1
-        logs = logs or {}
-        self.listener.on_batch_end(
-            batch + 1, float(logs.get("loss", math.nan)), float(logs.get("accuracy", math.nan))
-        )
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.val_batches += 1
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        if not self.train_batches or not self.val_batches:
-            # Every file passed the header scan but none decoded: an epoch of NaNs, not a result.
-            self.empty_split = "training" if not self.train_batches else "validation"
-            self.model.stop_training = True
-            return
-        row = {
-            "epoch": epoch + 1,
-            "loss": float(logs.get("loss", math.nan)),
-            "accuracy": float(logs.get("accuracy", math.nan)),
-            "val_loss": float(logs.get("val_loss", math.nan)),
-            "val_accuracy": float(logs.get("val_accuracy", math.nan)),
-            "learning_rate": current_learning_rate(self.model),
-            "seconds": time.perf_counter() - self.epoch_started,
-        }
-        improved = self.state.record(row)
-        save_model_atomically(self.model, store.last_checkpoint_path(self.run_dir))
-        if improved:
-            self.deployment_model.set_weights(self.model.get_weights())
-            save_model_atomically(self.deployment_model, store.best_model_file(self.run_dir))
-        store.write_history(self.run_dir, self.state.history)
-        store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
-        self.listener.on_epoch_end(
-            EpochEnded(
-                epoch=epoch + 1,
-                total_epochs=self.total_epochs,
-                loss=row["loss"],
-                accuracy=row["accuracy"],
-                val_loss=row["val_loss"],
-                val_accuracy=row["val_accuracy"],
-                learning_rate=row["learning_rate"],
-                seconds=row["seconds"],
-                improved=improved,
-            )
-        )
-        if self.patience and self.state.epochs_without_improvement >= self.patience:
-            self.stopped_early = True
-            self.model.stop_training = True
-
-
-def current_learning_rate(model: keras.Model) -> float:
-    optimizer = model.optimizer
-    rate = optimizer.learning_rate
-    try:
-        return float(keras.ops.convert_to_numpy(rate))
-    except Exception:
-        return math.nan
 
 
 def prepare_new_run(
@@ -364,17 +231,22 @@ def train(
     name: str | None = None,
     resume: str | None = None,
     listener: TrainingListener | None = None,
+    clock_start: float | None = None,
 ) -> TrainResult:
     """Train a classifier on ``data_dir`` (or continue the run ``resume``) and return its summary.
 
     ``config`` (a ready ``Config``) or ``config_file``/``overrides``/``flags`` describe the
     training. Nothing is printed: progress, notes and warnings go to ``listener`` (see
-    ``imgclf_cli.training_events``). Raises ``TrainingInterrupted`` on Ctrl-C after recording
-    the run as interrupted.
+    ``imgclf_cli.training_events``). ``train.time_budget`` counts from ``clock_start`` (a
+    ``time.monotonic()`` value; default: now; ``imgclf train`` passes its process start).
+    Raises ``TrainingInterrupted`` on Ctrl-C after recording the run as interrupted.
     """
     listener = listener or TrainingListener()
+    clock_start = time.monotonic() if clock_start is None else clock_start
     try:
-        return train_run(data_dir, config, config_file, overrides, flags, runs_dir, name, resume, listener)
+        return train_run(
+            data_dir, config, config_file, overrides, flags, runs_dir, name, resume, listener, clock_start
+        )
     finally:
         listener.on_finish()
 
@@ -389,7 +261,11 @@ def train_run(
     name: str | None,
     resume: str | None,
     listener: TrainingListener,
+    clock_start: float,
 ) -> TrainResult:
+    # A Config object is taken as given whole; otherwise train.epochs caps a time budget only
+    # when the user set it.
+    epochs_given = config is not None or "train.epochs" in given_keys(config_file, overrides, flags)
     if resume:
         run_dir, stored, manifest = prepare_resume(resume, runs_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)
@@ -415,6 +291,9 @@ def train_run(
     shutil.rmtree(cache_dir, ignore_errors=True)
     num_classes = len(manifest.classes)
     data = make_training_data(config, manifest, strategy.num_replicas_in_sync, failures, cache_dir, listener)
+    budget = time_budget_seconds(config)
+    max_epochs = config.train.epochs if budget is None or epochs_given else None
+    fit_epochs = max_epochs or initial_epoch + UNLIMITED_EPOCHS
 
     with strategy.scope():
         if initial_epoch:
@@ -422,7 +301,7 @@ def train_run(
         else:
             model = build_model(config, num_classes)
             model.compile(
-                optimizer=make_optimizer(config, data.steps_per_epoch),
+                optimizer=make_optimizer(config, data.steps_per_epoch, budget is not None, max_epochs),
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.train.label_smoothing),
                 metrics=["accuracy"],
             )
@@ -438,10 +317,22 @@ def train_run(
         num_replicas=strategy.num_replicas_in_sync,
         parameters=int(model.count_params()),
     )
+    clock = BudgetClock(deadline=clock_start + budget) if budget is not None else None
     recorder = RunRecorder(
-        run_dir, state, config.train.early_stopping_patience, config.train.epochs, deployment_model, listener
+        run_dir,
+        state,
+        config.train.early_stopping_patience,
+        max_epochs or 0,
+        deployment_model,
+        listener,
+        clock,
     )
     callbacks: list[keras.callbacks.Callback] = [recorder]
+    time_keeper: TimeBudget | None = None
+    if clock is not None and budget is not None:
+        validation_steps = math.ceil(len(manifest.val) / config.data.batch_size)
+        time_keeper = TimeBudget(clock, budget, recorder, listener, max_epochs, validation_steps)
+        callbacks.insert(0, time_keeper)
     if config.train.lr_schedule == "plateau":
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3, min_lr=1e-6)
@@ -454,9 +345,11 @@ def train_run(
             num_classes=num_classes,
             num_train=len(manifest.train),
             num_val=len(manifest.val),
-            total_epochs=config.train.epochs,
+            total_epochs=max_epochs or 0,
             initial_epoch=initial_epoch,
             steps_per_epoch=data.steps_per_epoch,
+            time_budget=budget,
+            seconds_left=clock.seconds_left() if clock is not None else None,
         )
     )
     started = time.perf_counter()
@@ -466,7 +359,7 @@ def train_run(
         return previous_seconds + time.perf_counter() - started
 
     try:
-        if initial_epoch < config.train.epochs:
+        if initial_epoch < fit_epochs:
             with warnings.catch_warnings():
                 # Undecodable files are filtered out of the validation stream, so Keras cannot know
                 # its number of batches in advance and warns about it; that is expected here.
@@ -475,7 +368,7 @@ def train_run(
                 model.fit(
                     data.train,
                     validation_data=data.val,
-                    epochs=config.train.epochs,
+                    epochs=fit_epochs,
                     initial_epoch=initial_epoch,
                     steps_per_epoch=data.steps_per_epoch,
                     class_weight=class_weights_for(config, manifest),
@@ -485,6 +378,7 @@ def train_run(
     except KeyboardInterrupt:
         shutil.rmtree(cache_dir, ignore_errors=True)
         all_skipped = skipped + skipped_as_dicts(failures.entries())
+        store.update_meta(run_dir, stopped_by=STOPPED_BY_INTERRUPT)
         finish_run(run_dir, state, store.STATUS_INTERRUPTED, seconds_so_far(), all_skipped, listener)
         hint = f"continue it with: imgclf train --resume {run_dir.name}"
         if runs_dir:
@@ -511,6 +405,12 @@ def train_run(
         )
     if not state.history:
         raise DatasetError("No epoch completed", "check that the dataset holds readable images")
+    stopped_by = STOPPED_BY_EPOCHS
+    if recorder.stopped_early:
+        stopped_by = STOPPED_BY_EARLY_STOPPING
+    elif time_keeper is not None and time_keeper.stopped:
+        stopped_by = STOPPED_BY_TIME_BUDGET
+    store.update_meta(run_dir, time_budget=budget, stopped_by=stopped_by)
     finish_run(run_dir, state, store.STATUS_COMPLETED, train_seconds, all_skipped, listener)
     failed_paths = {entry.path for entry in failures.entries()}
     best = state.best_row()
@@ -529,6 +429,8 @@ def train_run(
         skipped_files=all_skipped,
         model_path=str(store.best_model_file(run_dir)),
         stopped_early=recorder.stopped_early,
+        time_budget=budget,
+        stopped_by=stopped_by,
     )
 
 

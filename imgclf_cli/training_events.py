@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imgclf_cli.time_budget import TimePlan
+
+__all__ = ["EpochEnded", "TimePlan", "TrainingListener", "TrainingStarted"]
+
 
 @dataclass(frozen=True)
 class TrainingStarted:
@@ -33,9 +37,14 @@ class TrainingStarted:
     num_train: int
     num_val: int
     total_epochs: int
+    """The most epochs (with a time budget and no epoch cap: 0, unknown until planned)."""
     initial_epoch: int
     """Epochs already completed (non-zero when a run is resumed)."""
     steps_per_epoch: int
+    time_budget: float | None = None
+    """Seconds for the whole command (``train.time_budget``), or ``None``."""
+    seconds_left: float | None = None
+    """With a time budget: what is left of it as the first epoch starts."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class EpochEnded:
     epoch: int
     """1-based."""
     total_epochs: int
+    """The most epochs, or with a time budget, those expected to fit."""
     loss: float
     accuracy: float
     val_loss: float
@@ -71,6 +81,10 @@ class TrainingListener:
 
     def on_training_start(self, event: TrainingStarted) -> None:
         """The model is built; epochs start next."""
+
+    def on_time_plan(self, plan: TimePlan) -> None:
+        """With a time budget: how many epochs are expected to fit (after the first epoch, and
+        again whenever the estimate moves)."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Epoch ``epoch`` (1-based) starts."""

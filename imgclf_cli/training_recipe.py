@@ -4,6 +4,7 @@ numeric precision and the distribution strategy, each chosen from the config.  [
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -51,15 +52,80 @@ def class_weights_for(config: Config, manifest: SplitManifest) -> dict[int, floa
     return {index: total / (len(counts) * count) if count else 0.0 for index, count in enumerate(counts)}
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+# With a time budget the warmup ends after warmup_epochs or this share of the training time,
+# whichever comes first: a short budget may not hold a whole epoch.
+WARMUP_MAX_SHARE = 0.1
+LEARNING_RATE_FLOOR = 0.01  # the schedule ends at this fraction of the peak learning rate
+
+
+@keras.saving.register_keras_serializable(package="imgclf")
+class ProgressCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from a tenth of the peak, then cosine decay over training's progress (0 to 1).
+
+    Progress is the larger of the steps done over ``total_steps`` and ``time_progress``, a
+    variable that a ``--time`` budget (``imgclf_cli.time_budget``) advances with the clock: the
+    schedule completes when either the planned steps or the time run out, whichever comes first,
+    however fast the machine turns out to be.
+    """
+
+    def __init__(
+        self,
+        learning_rate: float,
+        total_steps: int,
+        warmup_steps: int,
+        alpha: float = LEARNING_RATE_FLOOR,
+        time_progress: float = 0.0,
+        name: str = "progress_cosine",
+    ) -> None:
+        super().__init__()
+        self.learning_rate = float(learning_rate)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.alpha = float(alpha)
+        self.name = name
+        self.time_progress = tf.Variable(float(time_progress), trainable=False, dtype=tf.float32, name=name)
+
+    def __call__(self, step: Any) -> Any:
+        step = tf.cast(step, tf.float32)
+        progress = tf.clip_by_value(tf.maximum(step / self.total_steps, self.time_progress), 0.0, 1.0)
+        warm = tf.constant(1.0)
+        if self.warmup_steps:
+            warm = tf.minimum(1.0, tf.maximum(step / self.warmup_steps, progress / WARMUP_MAX_SHARE))
+        cosine = self.alpha + (1.0 - self.alpha) * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return self.learning_rate * (0.1 + 0.9 * warm) * cosine
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "learning_rate": self.learning_rate,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "alpha": self.alpha,
+            "time_progress": float(self.time_progress.numpy()),
+            "name": self.name,
+        }
+
+
+def make_optimizer(
+    config: Config, steps_per_epoch: int, time_budgeted: bool = False, max_epochs: int | None = None
+) -> keras.optimizers.Optimizer:
+    """The optimizer and its learning-rate schedule.
+
+    ``time_budgeted``: the cosine schedule follows the clock (``ProgressCosine``), ending after
+    ``max_epochs`` epochs at the latest (``None``: the time alone decides).
+    """
     rate: Any = config.train.learning_rate
-    if config.train.lr_schedule == "cosine":
+    if config.train.lr_schedule == "cosine" and time_budgeted:
+        warmup_steps = config.train.warmup_epochs * steps_per_epoch
+        # Without an epoch cap, a step count no budget reaches: the clock alone drives progress.
+        total_steps = (max_epochs or 10**6) * steps_per_epoch
+        rate = ProgressCosine(config.train.learning_rate, max(total_steps, 1), warmup_steps)
+    elif config.train.lr_schedule == "cosine":
         warmup_steps = config.train.warmup_epochs * steps_per_epoch
         total_steps = max(config.train.epochs * steps_per_epoch, warmup_steps + 1)
         rate = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=config.train.learning_rate * (0.1 if warmup_steps else 1.0),
             decay_steps=total_steps - warmup_steps,
-            alpha=0.01,
+            alpha=LEARNING_RATE_FLOOR,
             warmup_target=config.train.learning_rate if warmup_steps else None,
             warmup_steps=warmup_steps,
         )

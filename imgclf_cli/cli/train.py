@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ from imgclf_cli.console import err, make_table, out, print_json, print_skipped_f
 from imgclf_cli.errors import DatasetError
 
 SAMPLE_DATA = Path("sample_data")
+STOPPED_BY_TITLES = {"early_stopping": " (stopped early)", "time_budget": " (time budget reached)"}
 
 
 def train_command(
@@ -39,6 +41,16 @@ def train_command(
     ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Maximum number of epochs.", min=1, show_default=False)
+    ] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            help="Wall time for the whole command, e.g. 90s, 5m, 1.5h: the epochs and the learning-rate "
+            "schedule are fitted to it (with --epochs too, the smaller wins).",
+            metavar="DURATION",
+            show_default=False,
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per batch.", min=1, show_default=False)
@@ -82,6 +94,7 @@ def train_command(
     Example:
 
         imgclf train sample_data --epochs 10 --set train.label_smoothing=0.05
+        imgclf train my_images --time 5m
     """
     from imgclf_cli.config import documented_yaml
 
@@ -97,6 +110,7 @@ def train_command(
 
     flags: dict[str, Any] = {
         "train.epochs": epochs,
+        "train.time_budget": time_budget,
         "data.batch_size": batch_size,
         "data.image_size": image_size,
         "model.name": model,
@@ -104,7 +118,11 @@ def train_command(
         "seed": seed,
     }
     from imgclf_cli.cli.training_view import TrainingView
+    from imgclf_cli.resources import seconds_since_process_start
     from imgclf_cli.training import train
+
+    # The budget covers the whole command, start-up included.
+    clock_start = time.monotonic() - seconds_since_process_start()
 
     result = train(
         data_dir=data_dir,
@@ -115,6 +133,7 @@ def train_command(
         name=name,
         resume=resume,
         listener=TrainingView(live=progress_enabled(), quiet=json_output),
+        clock_start=clock_start,
     )
     if json_output:
         print_json(result.to_dict())
@@ -133,7 +152,7 @@ def train_command(
                 f"{result.train_seconds:.1f}s",
             ]
         ],
-        title="Training finished" + (" (stopped early)" if result.stopped_early else ""),
+        title="Training finished" + STOPPED_BY_TITLES.get(result.stopped_by, ""),
         numeric=[
             "best epoch",
             "val accuracy",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from imgclf_cli.console import err, make_progress, warn
-from imgclf_cli.training_events import EpochEnded, TrainingListener, TrainingStarted
+from imgclf_cli.time_budget import format_duration
+from imgclf_cli.training_events import EpochEnded, TimePlan, TrainingListener, TrainingStarted
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -68,14 +69,30 @@ class TrainingView(TrainingListener):
                 f"validating on {event.num_val}; run {event.run_dir}",
                 highlight=False,
             )
-        if self.live and event.initial_epoch < event.total_epochs:
+            if event.time_budget is not None and event.seconds_left is not None:
+                err.print(
+                    f"Time budget {format_duration(event.time_budget)}: "
+                    f"{format_duration(max(0.0, event.seconds_left))} left for training after start-up"
+                    + (f", at most {event.total_epochs} epochs" if event.total_epochs else ""),
+                    highlight=False,
+                )
+        if self.live and (not event.total_epochs or event.initial_epoch < event.total_epochs):
             self.steps_per_epoch = event.steps_per_epoch
             self.bars = make_progress(metrics=True)
             self.epoch_task = self.bars.add_task(
-                "epochs", total=event.total_epochs, completed=event.initial_epoch, metrics=""
+                "epochs", total=event.total_epochs or None, completed=event.initial_epoch, metrics=""
             )
             self.batch_task = self.bars.add_task("batches", total=event.steps_per_epoch, metrics="")
             self.bars.start()
+
+    def on_time_plan(self, plan: TimePlan) -> None:
+        if not self.quiet:
+            self.print(
+                f"~{plan.epochs} epochs fit in {format_duration(plan.budget_seconds)} "
+                f"({plan.epoch_seconds:.1f} s each, {format_duration(max(0.0, plan.seconds_left))} left)"
+            )
+        if self.bars is not None and self.epoch_task is not None:
+            self.bars.update(self.epoch_task, total=plan.epochs)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.bars is not None and self.batch_task is not None:
@@ -91,7 +108,7 @@ class TrainingView(TrainingListener):
         if not self.printed_header:
             self.print(self.header)
             self.printed_header = True
-        epoch = f"{event.epoch}/{event.total_epochs}"
+        epoch = f"{event.epoch}/{event.total_epochs or '?'}"
         self.print(
             f"{epoch:>7} {event.loss:8.4f} {event.accuracy:9.4f} {event.val_loss:9.4f} "
             f"{event.val_accuracy:8.4f} {event.learning_rate:9.2e} {event.seconds:6.1f}s"

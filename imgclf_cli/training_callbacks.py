@@ -1,0 +1,266 @@
+"""What ``fit`` calls back during training: the run recorder and the time budget.  [heavy]
+
+``RunRecorder`` writes the run after every epoch (history, checkpoints, meta) and stops at the
+early-stopping patience; ``TimeBudget`` moves the learning-rate schedule with the clock and
+stops training when a ``--time`` budget's training share is spent. Both report through the
+``TrainingListener``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+
+from imgclf_cli import store
+from imgclf_cli.time_budget import BudgetClock, TimePlan
+from imgclf_cli.training_events import EpochEnded, TrainingListener
+from imgclf_cli.training_recipe import ProgressCosine
+
+# A fresh estimate of the epochs that fit is reported when it moves by more than this share.
+PLAN_REPORT_CHANGE = 0.1
+
+
+@dataclass
+class TrainingState:
+    """What the epoch callback keeps across epochs (and rebuilds from history.csv on resume)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_val_loss: float = math.inf
+    epochs_without_improvement: int = 0
+
+    def is_improvement(self, row: dict[str, float]) -> bool:
+        """Best = highest validation accuracy; ties broken by lower validation loss."""
+        accuracy, loss = row["val_accuracy"], row["val_loss"]
+        return accuracy > self.best_val_accuracy + 1e-9 or (
+            abs(accuracy - self.best_val_accuracy) <= 1e-9 and loss < self.best_val_loss
+        )
+
+    def record(self, row: dict[str, float]) -> bool:
+        self.history.append(row)
+        improved = self.is_improvement(row)
+        if improved:
+            self.best_epoch = int(row["epoch"])
+            self.best_val_accuracy = row["val_accuracy"]
+            self.best_val_loss = row["val_loss"]
+        # Patience counts epochs where neither accuracy nor loss got better.
+        best_loss_before = min((earlier["val_loss"] for earlier in self.history[:-1]), default=math.inf)
+        if improved or row["val_loss"] < best_loss_before:
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return improved
+
+    def best_row(self) -> dict[str, float]:
+        """The history row of the best epoch (there must be one)."""
+        return next(row for row in self.history if int(row["epoch"]) == self.best_epoch)
+
+    @classmethod
+    def from_history(cls, rows: list[dict[str, float]]) -> TrainingState:
+        state = cls()
+        for row in rows:
+            state.record(row)
+        return state
+
+
+def save_model_atomically(model: keras.Model, path: Path) -> None:
+    store.atomic_write(path, lambda temporary: model.save(temporary), suffix=".keras")
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """After each epoch: history.csv, last.keras, best.keras on improvement, early stopping.
+
+    Keras' ModelCheckpoint/CSVLogger/EarlyStopping are not used because they write in place
+    (a crash can leave half a file) and cannot restore their state for ``--resume``.
+    ``best.keras`` is the deployment artifact, so it is saved from ``deployment_model`` (the
+    same architecture, never compiled): no optimizer state, a third of the size of
+    ``last.keras``, which keeps the optimizer for ``--resume``.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        state: TrainingState,
+        patience: int,
+        total_epochs: int,
+        deployment_model: keras.Model,
+        listener: TrainingListener,
+        clock: BudgetClock | None = None,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.run_dir = run_dir
+        self.state = state
+        self.patience = patience
+        self.total_epochs = total_epochs
+        self.deployment_model = deployment_model
+        self.listener = listener
+        self.epoch_started = 0.0
+        self.stopped_early = False
+        self.train_batches = 0
+        self.val_batches = 0
+        # "training" or "validation" when that stream held no decodable image at all.
+        self.empty_split: str | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch_started = time.perf_counter()
+        self.train_batches = self.val_batches = 0
+        self.listener.on_epoch_start(epoch + 1)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.train_batches += 1
+        logs = logs or {}
+        self.listener.on_batch_end(
+            batch + 1, float(logs.get("loss", math.nan)), float(logs.get("accuracy", math.nan))
+        )
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.val_batches += 1
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if not self.train_batches or not self.val_batches:
+            # Every file passed the header scan but none decoded: an epoch of NaNs, not a result.
+            self.empty_split = "training" if not self.train_batches else "validation"
+            self.model.stop_training = True
+            return
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(logs.get("loss", math.nan)),
+            "accuracy": float(logs.get("accuracy", math.nan)),
+            "val_loss": float(logs.get("val_loss", math.nan)),
+            "val_accuracy": float(logs.get("val_accuracy", math.nan)),
+            "learning_rate": current_learning_rate(self.model),
+            "seconds": time.perf_counter() - self.epoch_started,
+        }
+        improved = self.state.record(row)
+        saving_started = time.perf_counter()
+        save_model_atomically(self.model, store.last_checkpoint_path(self.run_dir))
+        if improved:
+            self.deployment_model.set_weights(self.model.get_weights())
+            save_model_atomically(self.deployment_model, store.best_model_file(self.run_dir))
+        store.write_history(self.run_dir, self.state.history)
+        store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
+        if self.clock is not None:
+            self.clock.checkpoint_seconds = time.perf_counter() - saving_started
+        self.listener.on_epoch_end(
+            EpochEnded(
+                epoch=epoch + 1,
+                total_epochs=self.total_epochs,
+                loss=row["loss"],
+                accuracy=row["accuracy"],
+                val_loss=row["val_loss"],
+                val_accuracy=row["val_accuracy"],
+                learning_rate=row["learning_rate"],
+                seconds=row["seconds"],
+                improved=improved,
+            )
+        )
+        if self.patience and self.state.epochs_without_improvement >= self.patience:
+            self.stopped_early = True
+            self.model.stop_training = True
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    optimizer = model.optimizer
+    rate = optimizer.learning_rate
+    try:
+        return float(keras.ops.convert_to_numpy(rate))
+    except Exception:
+        return math.nan
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Fits training into a ``--time`` budget (see ``imgclf_cli.time_budget``).
+
+    After every training step: the schedule's ``time_progress`` follows the clock, and training
+    stops once the time for training is spent (Keras still runs that epoch's validation and the
+    recorder saves it). After every epoch: the epochs that fit are re-estimated and reported.
+    Put it before the ``RunRecorder`` in the callback list, so that the epoch row shows the plan.
+    """
+
+    def __init__(
+        self,
+        clock: BudgetClock,
+        budget_seconds: float,
+        recorder: RunRecorder,
+        listener: TrainingListener,
+        max_epochs: int | None,
+        validation_steps: int,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.clock.validation_steps = validation_steps
+        self.budget_seconds = budget_seconds
+        self.recorder = recorder
+        self.listener = listener
+        self.max_epochs = max_epochs
+        self.schedule: ProgressCosine | None = None
+        self.start_progress = 0.0
+        self.stopped = False
+        self.steps_seen = 0
+        self.step_started = 0.0
+        self.epoch_started = 0.0
+        self.test_started = 0.0
+        self.reported_epochs: int | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.clock.start()
+        schedule = getattr(self.model.optimizer, "_learning_rate", None)
+        if isinstance(schedule, ProgressCosine):
+            self.schedule = schedule
+            # A resumed run continues its schedule from where it stopped, over the new budget;
+            # one whose schedule had completed starts a new one.
+            progress = float(schedule.time_progress.numpy())
+            self.start_progress = progress if progress < 0.999 else 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch_started = self.clock.now()
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.step_started = self.clock.now()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.steps_seen:  # the first step traces the model: not a measure of speed
+            self.clock.step_seconds = self.clock.now() - self.step_started
+        self.steps_seen += 1
+        if self.schedule is not None:
+            progress = self.start_progress + (1.0 - self.start_progress) * self.clock.progress()
+            self.schedule.time_progress.assign(progress)
+        if self.clock.expired():
+            self.stopped = True
+            self.model.stop_training = True
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self.test_started = self.clock.now()
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self.clock.validation_seconds = self.clock.now() - self.test_started
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # The recorder saves next: count the last measured save in this epoch's duration.
+        self.clock.epoch_seconds.append(self.clock.now() - self.epoch_started + self.clock.checkpoint_seconds)
+        fit = self.clock.epochs_that_fit(epoch + 1)
+        if fit is None:
+            return
+        planned = max(epoch + 1, min(fit, self.max_epochs) if self.max_epochs else fit)
+        if self.stopped:
+            planned = epoch + 1
+        self.recorder.total_epochs = planned
+        previous = self.reported_epochs
+        if previous is None or abs(planned - previous) > max(1.0, PLAN_REPORT_CHANGE * previous):
+            self.reported_epochs = planned
+            recent = self.clock.epoch_seconds[1:] or self.clock.epoch_seconds
+            self.listener.on_time_plan(
+                TimePlan(
+                    budget_seconds=self.budget_seconds,
+                    epochs=planned,
+                    epoch_seconds=sum(recent[-3:]) / len(recent[-3:]),
+                    seconds_left=self.clock.seconds_left(),
+                )
+            )
