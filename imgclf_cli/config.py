@@ -77,6 +77,8 @@ class TrainConfig:
     """auto: float16 mixed precision when a GPU is present."""
     distribute: Literal["auto", "mirrored", "none"] = "auto"
     """auto: tf.distribute.MirroredStrategy when more than one GPU is present."""
+    cache_features: Literal["auto", "false"] = "auto"
+    """auto: with a frozen backbone (pretrained, fine_tune_layers 0), compute its features once and train the head on them; false: run the backbone every epoch."""  # noqa: E501 (one line: it is the --print-config comment)
 
 
 @dataclass

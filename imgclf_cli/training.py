@@ -34,6 +34,12 @@ from imgclf_cli.dataset import (
     skipped_as_dicts,
 )
 from imgclf_cli.errors import DatasetError, RunNotFoundError, TrainingInterrupted
+from imgclf_cli.feature_cache import (
+    compute_features,
+    feature_datasets,
+    should_cache_features,
+    split_at_backbone,
+)
 from imgclf_cli.models import build_model, canonical_model_name, load_model
 from imgclf_cli.pipeline import DecodeFailures, make_dataset
 from imgclf_cli.time_budget import BudgetClock
@@ -305,10 +311,13 @@ def train_run(
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.train.label_smoothing),
                 metrics=["accuracy"],
             )
-        build_before_tracing(model, data.train)
     # The same architecture, never compiled: what best.keras holds (see RunRecorder).
     deployment_model = type(model).from_config(model.get_config())
-
+    fit_model, fit_data = model, data
+    if should_cache_features(config, model, strategy.num_replicas_in_sync):
+        fit_model, fit_data = head_on_cached_features(model, config, manifest, failures, run_dir, listener)
+    with strategy.scope():
+        build_before_tracing(fit_model, fit_data.train)
     store.update_meta(
         run_dir,
         status=store.STATUS_RUNNING,
@@ -326,6 +335,7 @@ def train_run(
         deployment_model,
         listener,
         clock,
+        checkpoint_model=model,
     )
     callbacks: list[keras.callbacks.Callback] = [recorder]
     time_keeper: TimeBudget | None = None
@@ -365,12 +375,12 @@ def train_run(
                 # its number of batches in advance and warns about it; that is expected here.
                 warnings.filterwarnings("ignore", message=".*ran out of data.*")
                 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-                model.fit(
-                    data.train,
-                    validation_data=data.val,
+                fit_model.fit(
+                    fit_data.train,
+                    validation_data=fit_data.val,
                     epochs=fit_epochs,
                     initial_epoch=initial_epoch,
-                    steps_per_epoch=data.steps_per_epoch,
+                    steps_per_epoch=fit_data.steps_per_epoch,
                     class_weight=class_weights_for(config, manifest),
                     callbacks=callbacks,
                     verbose=0,
@@ -432,6 +442,42 @@ def train_run(
         time_budget=budget,
         stopped_by=stopped_by,
     )
+
+
+def head_on_cached_features(
+    model: keras.Model,
+    config: Config,
+    manifest: SplitManifest,
+    failures: DecodeFailures,
+    run_dir: Path,
+    listener: TrainingListener,
+) -> tuple[keras.Model, TrainingData]:
+    """The head of ``model`` compiled to train on its frozen backbone's features, computed once
+    here, and the streams of those features (see ``imgclf_cli.feature_cache``)."""
+    started = time.perf_counter()
+    listener.on_status("Computing the frozen backbone's features once...")
+    split = split_at_backbone(model)
+    # One plain pass over each split: no shuffling, no augmentation, nothing kept but features.
+    common: dict[str, Any] = dict(
+        image_size=config.image_size,
+        batch_size=config.data.batch_size,
+        num_classes=len(manifest.classes),
+        seed=config.seed,
+        failures=failures,
+        cache="none",
+    )
+    train = compute_features(split.features, make_dataset(manifest.train, training=False, **common))
+    val = compute_features(split.features, make_dataset(manifest.val, training=False, **common))
+    train_data, val_data, steps = feature_datasets(train, val, config.data.batch_size, config.seed)
+    split.head.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
+    seconds = time.perf_counter() - started
+    count = len(train[0]) + len(val[0])
+    store.update_meta(run_dir, feature_cache={"images": count, "seconds": round(seconds, 3)})
+    listener.on_info(
+        f"Frozen backbone: features of {count} images computed once in {seconds:.1f} s; "
+        "the head trains on them"
+    )
+    return split.head, TrainingData(train_data, val_data, steps)
 
 
 def build_before_tracing(model: keras.Model, train_data: tf.data.Dataset) -> None:

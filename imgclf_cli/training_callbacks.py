@@ -91,9 +91,13 @@ class RunRecorder(keras.callbacks.Callback):
         deployment_model: keras.Model,
         listener: TrainingListener,
         clock: BudgetClock | None = None,
+        checkpoint_model: keras.Model | None = None,
     ) -> None:
         super().__init__()
         self.clock = clock
+        # The model last.keras holds: the one fit trains, or the full model around a head
+        # trained on cached features (imgclf_cli.feature_cache).
+        self.checkpoint_model = checkpoint_model
         self.run_dir = run_dir
         self.state = state
         self.patience = patience
@@ -140,9 +144,10 @@ class RunRecorder(keras.callbacks.Callback):
         }
         improved = self.state.record(row)
         saving_started = time.perf_counter()
-        save_model_atomically(self.model, store.last_checkpoint_path(self.run_dir))
+        checkpoint_model = self.checkpoint_model or self.model
+        save_model_atomically(checkpoint_model, store.last_checkpoint_path(self.run_dir))
         if improved:
-            self.deployment_model.set_weights(self.model.get_weights())
+            self.deployment_model.set_weights(checkpoint_model.get_weights())
             save_model_atomically(self.deployment_model, store.best_model_file(self.run_dir))
         store.write_history(self.run_dir, self.state.history)
         store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)

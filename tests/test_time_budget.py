@@ -136,7 +136,14 @@ def test_a_budget_stops_training_in_time_with_the_schedule_complete(tmp_path: Pa
     started = time.monotonic()
     result = train(
         data,
-        overrides=["data.image_size=32", "data.batch_size=4", "model.width=8", "train.time_budget=15s"],
+        overrides=[
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.width=8",
+            "train.time_budget=15s",
+            # Many quick epochs on tiny data: early stopping must not end the run first.
+            "train.early_stopping_patience=0",
+        ],
         listener=listener,
     )
     elapsed = time.monotonic() - started
