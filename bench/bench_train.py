@@ -9,6 +9,11 @@ blocks (16, 32, 64 filters), Dense(128), Adam, 10 epochs.
 Usage:
     python bench/bench_train.py                       # flowers128 and hymenoptera from ../shared
     python bench/bench_train.py PATH [PATH...] --tutorial-epochs 10 --set train.epochs=20
+    python bench/bench_train.py PATH --equal-time     # tutorial first, then imgclf --time <its time>
+
+With ``--equal-time`` imgclf trains with ``train.time_budget`` set to the tutorial's wall time
+(measured just before, in the same process), and the table adds how long imgclf took to first
+reach the tutorial's best validation accuracy (from the start of its training call).
 
 Prints validation accuracy, wall time and training images/s for both. Not a unit test.
 """
@@ -104,17 +109,33 @@ def run_tutorial(manifest, epochs: int, workdir: Path) -> dict[str, float]:  # t
     }
 
 
-def run_imgclf(data_dir: Path, overrides: list[str], runs_dir: Path) -> dict[str, float]:
+def run_imgclf(
+    data_dir: Path, overrides: list[str], runs_dir: Path, target_accuracy: float | None = None
+) -> dict[str, float]:
     from imgclf_cli.training import train
+    from imgclf_cli.training_events import EpochEnded, TrainingListener
 
     started = time.perf_counter()
-    result = train(data_dir, runs_dir=runs_dir, overrides=overrides, quiet=True)
+
+    class FirstToReach(TrainingListener):
+        """When validation accuracy first reaches ``target_accuracy`` (seconds since the start)."""
+
+        seconds: float | None = None
+
+        def on_epoch_end(self, event: EpochEnded) -> None:
+            reached = target_accuracy is not None and event.val_accuracy >= target_accuracy
+            if reached and self.seconds is None:
+                self.seconds = time.perf_counter() - started
+
+    listener = FirstToReach()
+    result = train(data_dir, runs_dir=runs_dir, overrides=overrides, listener=listener)
     return {
         "val_accuracy": result.val_accuracy,
         "best_val_accuracy": result.val_accuracy,
         "wall_seconds": time.perf_counter() - started,
         "images_per_second": result.num_train * result.epochs_run / result.train_seconds,
         "epochs": result.epochs_run,
+        "reached_tutorial_best_seconds": listener.seconds if listener.seconds is not None else float("nan"),
     }
 
 
@@ -126,6 +147,11 @@ def main() -> None:
     parser.add_argument("--tutorial-epochs", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="imgclf config override")
     parser.add_argument("--skip-tutorial", action="store_true")
+    parser.add_argument(
+        "--equal-time",
+        action="store_true",
+        help="train the tutorial CNN first, then imgclf with --time set to the tutorial's wall time",
+    )
     parser.add_argument(
         "--tutorial-first",
         action="store_true",
@@ -148,6 +174,30 @@ def main() -> None:
             f"{data_dir.name}: {len(manifest.train)} train / {len(manifest.val)} val images", highlight=False
         )
         workdir = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
+        if args.equal_time:
+            try:
+                tutorial_figures = run_tutorial(manifest, args.tutorial_epochs, workdir)
+                console.print(f"  TF tutorial CNN: {tutorial_figures}", highlight=False)
+                budget = f"{tutorial_figures['wall_seconds']:.0f}s"
+                imgclf_figures = run_imgclf(
+                    data_dir,
+                    [*args.overrides, f"train.time_budget={budget}"],
+                    workdir / "runs",
+                    target_accuracy=tutorial_figures["best_val_accuracy"],
+                )
+                console.print(f"  imgclf --time {budget}: {imgclf_figures}", highlight=False)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            reached = imgclf_figures["reached_tutorial_best_seconds"]
+            console.print(
+                f"{data_dir.name}: tutorial best {tutorial_figures['best_val_accuracy']:.3f} in "
+                f"{tutorial_figures['wall_seconds']:.0f} s; imgclf --time {budget}: "
+                f"{imgclf_figures['val_accuracy']:.3f} in {imgclf_figures['wall_seconds']:.0f} s, "
+                f"reached the tutorial's best after {reached:.0f} s "
+                f"({reached / tutorial_figures['wall_seconds']:.2f} of its time)",
+                highlight=False,
+            )
+            continue
         try:
             label = "imgclf default" + (" " + " ".join(args.overrides) if args.overrides else "")
             runs = workdir / "runs"
@@ -174,7 +224,8 @@ def main() -> None:
                 f"{figures['wall_seconds']:.0f}s",
                 f"{figures['images_per_second']:.0f}",
             )
-    console.print(table)
+    if table.row_count:
+        console.print(table)
 
 
 if __name__ == "__main__":
