@@ -13,7 +13,6 @@ in it (how ``imgclf_cli.models.build_model`` makes them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,11 +109,3 @@ def feature_datasets(
     val_data = tf.data.Dataset.from_tensor_slices(val).batch(batch_size).prefetch(2)
     steps = max(1, -(-len(train_features) // batch))
     return train_data, val_data, steps
-
-
-def same_predictions(model: keras.Model, split: SplitModel, images: Sequence[np.ndarray]) -> bool:
-    """Whether the split model answers as the full one (a self-check for tests and debugging)."""
-    batch = np.stack(images).astype("float32")
-    full = np.asarray(model(batch, training=False))
-    parts = np.asarray(split.head(split.features(batch, training=False), training=False))
-    return bool(np.allclose(full, parts, atol=1e-5))

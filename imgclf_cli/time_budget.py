@@ -111,16 +111,22 @@ class BudgetClock:
     def seconds_left(self) -> float:
         return self.deadline - self.now()
 
+    def epoch_pace(self) -> float | None:
+        """Seconds per epoch over the last three (the session's first only while it is alone)."""
+        if not self.epoch_seconds:
+            return None
+        recent = (self.epoch_seconds[1:] or self.epoch_seconds)[-3:]
+        return sum(recent) / len(recent)
+
     def epochs_that_fit(self, epochs_done: int) -> int | None:
         """Completed epochs plus those the remaining time holds at the recent epoch speed.
 
         The first epoch of a session decodes every image and traces the model, so once a
         second one is measured it alone sets the pace. ``None`` before any epoch ends.
         """
-        if not self.epoch_seconds:
+        pace = self.epoch_pace()
+        if pace is None:
             return None
-        recent = self.epoch_seconds[1:] or self.epoch_seconds
-        pace = sum(recent[-3:]) / len(recent[-3:])
         left = self.deadline - self.now() - FINISH_SECONDS
         return epochs_done + max(0, math.floor(left / pace)) if pace > 0 else epochs_done
 

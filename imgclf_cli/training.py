@@ -185,6 +185,25 @@ class TrainingData:
     steps_per_epoch: int
 
 
+def pipeline_settings(
+    config: Config,
+    manifest: SplitManifest,
+    failures: DecodeFailures,
+    cache: str,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The ``make_dataset`` arguments every stream of a run shares."""
+    return dict(
+        image_size=config.image_size,
+        batch_size=config.data.batch_size,
+        num_classes=len(manifest.classes),
+        seed=config.seed,
+        failures=failures,
+        cache=cache,
+        cache_dir=cache_dir,
+    )
+
+
 def make_training_data(
     config: Config,
     manifest: SplitManifest,
@@ -193,15 +212,7 @@ def make_training_data(
     cache_dir: Path,
     listener: TrainingListener,
 ) -> TrainingData:
-    common: dict[str, Any] = dict(
-        image_size=config.image_size,
-        batch_size=config.data.batch_size,
-        num_classes=len(manifest.classes),
-        seed=config.seed,
-        failures=failures,
-        cache=config.data.cache,
-        cache_dir=cache_dir,
-    )
+    common = pipeline_settings(config, manifest, failures, cache=config.data.cache, cache_dir=cache_dir)
     # Under MirroredStrategy a batch split unevenly across replicas fails inside Keras (AddN
     # of mismatched shapes): every batch must be a multiple of the number of replicas.
     val_batch = config.data.batch_size
@@ -326,7 +337,10 @@ def train_run(
         num_replicas=strategy.num_replicas_in_sync,
         parameters=int(model.count_params()),
     )
-    clock = BudgetClock(deadline=clock_start + budget) if budget is not None else None
+    validation_steps = math.ceil(len(manifest.val) / config.data.batch_size)
+    clock = (
+        BudgetClock(clock_start + budget, validation_steps=validation_steps) if budget is not None else None
+    )
     recorder = RunRecorder(
         run_dir,
         state,
@@ -340,8 +354,7 @@ def train_run(
     callbacks: list[keras.callbacks.Callback] = [recorder]
     time_keeper: TimeBudget | None = None
     if clock is not None and budget is not None:
-        validation_steps = math.ceil(len(manifest.val) / config.data.batch_size)
-        time_keeper = TimeBudget(clock, budget, recorder, listener, max_epochs, validation_steps)
+        time_keeper = TimeBudget(clock, budget, recorder, listener, max_epochs)
         callbacks.insert(0, time_keeper)
     if config.train.lr_schedule == "plateau":
         callbacks.append(
@@ -458,14 +471,7 @@ def head_on_cached_features(
     listener.on_status("Computing the frozen backbone's features once...")
     split = split_at_backbone(model)
     # One plain pass over each split: no shuffling, no augmentation, nothing kept but features.
-    common: dict[str, Any] = dict(
-        image_size=config.image_size,
-        batch_size=config.data.batch_size,
-        num_classes=len(manifest.classes),
-        seed=config.seed,
-        failures=failures,
-        cache="none",
-    )
+    common = pipeline_settings(config, manifest, failures, cache="none")
     train = compute_features(split.features, make_dataset(manifest.train, training=False, **common))
     val = compute_features(split.features, make_dataset(manifest.val, training=False, **common))
     train_data, val_data, steps = feature_datasets(train, val, config.data.batch_size, config.seed)

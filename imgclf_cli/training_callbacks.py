@@ -196,11 +196,9 @@ class TimeBudget(keras.callbacks.Callback):
         recorder: RunRecorder,
         listener: TrainingListener,
         max_epochs: int | None,
-        validation_steps: int,
     ) -> None:
         super().__init__()
         self.clock = clock
-        self.clock.validation_steps = validation_steps
         self.budget_seconds = budget_seconds
         self.recorder = recorder
         self.listener = listener
@@ -260,12 +258,11 @@ class TimeBudget(keras.callbacks.Callback):
         previous = self.reported_epochs
         if previous is None or abs(planned - previous) > max(1.0, PLAN_REPORT_CHANGE * previous):
             self.reported_epochs = planned
-            recent = self.clock.epoch_seconds[1:] or self.clock.epoch_seconds
             self.listener.on_time_plan(
                 TimePlan(
                     budget_seconds=self.budget_seconds,
                     epochs=planned,
-                    epoch_seconds=sum(recent[-3:]) / len(recent[-3:]),
+                    epoch_seconds=self.clock.epoch_pace() or 0.0,
                     seconds_left=self.clock.seconds_left(),
                 )
             )
