@@ -78,7 +78,9 @@ class TrainConfig:
     distribute: Literal["auto", "mirrored", "none"] = "auto"
     """auto: tf.distribute.MirroredStrategy when more than one GPU is present."""
     cache_features: Literal["auto", "false"] = "auto"
-    """auto: with a frozen backbone (pretrained, fine_tune_layers 0), compute its features once and train the head on them; false: run the backbone every epoch."""  # noqa: E501 (one line: it is the --print-config comment)
+    """auto: with a frozen pretrained backbone, compute its features once and train the head on them (then fine_tune_epochs on images when model.fine_tune_layers > 0); false: run the backbone every epoch."""  # noqa: E501 (one line: it is the --print-config comment)
+    fine_tune_epochs: int = 3
+    """With cache_features auto and model.fine_tune_layers > 0: epochs that then train those layers on images, at a tenth of the learning rate (0: none)."""  # noqa: E501 (one line: it is the --print-config comment)
 
 
 @dataclass
@@ -231,6 +233,7 @@ def validate(config: Config) -> None:
         (0.0 <= config.model.dropout < 1.0, "model.dropout", "a value in [0, 1)"),
         (config.train.early_stopping_patience >= 0, "train.early_stopping_patience", "0 or more"),
         (config.train.warmup_epochs >= 0, "train.warmup_epochs", "0 or more"),
+        (config.train.fine_tune_epochs >= 0, "train.fine_tune_epochs", "0 or more"),
         (
             valid_time_budget(config.train.time_budget),
             "train.time_budget",

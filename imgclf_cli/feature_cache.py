@@ -8,7 +8,8 @@ layers are the full model's own layers, so the full model (what ``best.keras`` h
 prediction and export use) has the trained weights without any copying.
 
 Only for models that are a chain of layers with one frozen ``keras.applications`` backbone
-in it (how ``imgclf_cli.models.build_model`` makes them).
+in it (how ``imgclf_cli.models.build_model`` makes them). With ``model.fine_tune_layers`` this
+is the first of two phases: ``imgclf_cli.fine_tuning`` then trains the backbone's tail on images.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ def frozen_backbone(model: keras.Model) -> keras.Model | None:
 
 
 def should_cache_features(config: Config, model: keras.Model, replicas: int) -> bool:
-    """``train.cache_features``: auto caches when the backbone is frozen, on one device."""
+    """``train.cache_features``: auto caches when the backbone is frozen whole, on one device.
+
+    With ``model.fine_tune_layers`` > 0 the backbone is frozen whole only for the first of two
+    phases (``imgclf_cli.fine_tuning``); while its tail trains, nothing is cached.
+    """
     setting = config.train.cache_features
-    if setting == "false" or replicas > 1 or config.model.fine_tune_layers > 0:
+    if setting == "false" or replicas > 1:
         return False
     return frozen_backbone(model) is not None and is_chain(model)
 

@@ -4,7 +4,8 @@
 notebook. The run folder is written as training goes: the config, labels and split first, then
 after every epoch ``history.csv``, ``last.keras`` and (on improvement) ``best.keras``, each
 atomically, so a crash or Ctrl-C never leaves a half-written model and ``--resume`` continues
-from the last completed epoch.
+from the last completed epoch. With a frozen pretrained backbone and ``model.fine_tune_layers``,
+training has two phases, the head then the backbone's tail (see ``imgclf_cli.fine_tuning``).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from imgclf_cli.feature_cache import (
     should_cache_features,
     split_at_backbone,
 )
+from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
 from imgclf_cli.models import build_model, canonical_model_name, load_model
 from imgclf_cli.pipeline import DecodeFailures, make_dataset
 from imgclf_cli.time_budget import BudgetClock
-from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, TrainingState
+from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, TrainingState, fit_callbacks
 from imgclf_cli.training_events import TrainingListener, TrainingStarted
 from imgclf_cli.training_recipe import (
     choose_strategy,
@@ -287,8 +289,10 @@ def train_run(
         run_dir, stored, manifest = prepare_resume(resume, runs_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)
         store.write_config(run_dir, config)
-        skipped = list(store.read_meta(run_dir).get("skipped_files", []))
-        state = TrainingState.from_history(store.read_history(run_dir))
+        meta = store.read_meta(run_dir)
+        skipped = list(meta.get("skipped_files", []))
+        fine_tune_start = (meta.get("fine_tune") or {}).get("first_epoch")
+        state = TrainingState.from_history(store.read_history(run_dir), fine_tune_start)
     else:
         if data_dir is None:
             raise DatasetError("No dataset folder given", "pass DATA_DIR")
@@ -324,9 +328,22 @@ def train_run(
             )
     # The same architecture, never compiled: what best.keras holds (see RunRecorder).
     deployment_model = type(model).from_config(model.get_config())
+    replicas = strategy.num_replicas_in_sync
+    # Two phases, head then backbone (imgclf_cli.fine_tuning): this freezes a new run's backbone.
+    fine_tuning = plan_fine_tuning(config, model, replicas, store.read_meta(run_dir), bool(initial_epoch))
     fit_model, fit_data = model, data
-    if should_cache_features(config, model, strategy.num_replicas_in_sync):
+    feature_seconds: float | None = None
+    phase_one_over = fine_tuning is not None and fine_tuning.first_epoch is not None
+    if should_cache_features(config, model, replicas) and not phase_one_over:
+        caching_started = time.perf_counter()
         fit_model, fit_data = head_on_cached_features(model, config, manifest, failures, run_dir, listener)
+        feature_seconds = time.perf_counter() - caching_started
+    total_epochs = max_epochs or 0
+    if fine_tuning is not None and fine_tuning.first_epoch is not None:
+        fit_epochs = min(fit_epochs, fine_tuning.first_epoch - 1)  # a resumed run's phase 1 ended there
+        total_epochs = fine_tuning.first_epoch - 1 + fine_tuning.epochs
+    elif fine_tuning is not None and total_epochs:
+        total_epochs += fine_tuning.epochs
     with strategy.scope():
         build_before_tracing(fit_model, fit_data.train)
     store.update_meta(
@@ -338,28 +355,31 @@ def train_run(
         parameters=int(model.count_params()),
     )
     validation_steps = math.ceil(len(manifest.val) / config.data.batch_size)
-    clock = (
-        BudgetClock(clock_start + budget, validation_steps=validation_steps) if budget is not None else None
-    )
+    deadline = clock_start + budget if budget is not None else None
+    clock = BudgetClock(deadline, validation_steps=validation_steps) if deadline is not None else None
+    later_epochs, later_seconds = 0, 0.0
+    if fine_tuning is not None and fine_tuning.first_epoch is None:
+        later_epochs = fine_tuning.epochs
+        if clock is not None and feature_seconds is not None:
+            # Phase 1's clock ends early by the time kept for phase 2, which gets its own clock.
+            fine_tuning.estimate_epoch(feature_seconds)
+            later_seconds = fine_tuning.reserve_seconds(clock.training_end() - clock.now())
+            clock.deadline -= later_seconds
     recorder = RunRecorder(
         run_dir,
         state,
         config.train.early_stopping_patience,
-        max_epochs or 0,
+        total_epochs,
         deployment_model,
         listener,
         clock,
         checkpoint_model=model,
     )
-    callbacks: list[keras.callbacks.Callback] = [recorder]
-    time_keeper: TimeBudget | None = None
-    if clock is not None and budget is not None:
-        time_keeper = TimeBudget(clock, budget, recorder, listener, max_epochs)
-        callbacks.insert(0, time_keeper)
-    if config.train.lr_schedule == "plateau":
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3, min_lr=1e-6)
-        )
+    plateau = config.train.lr_schedule == "plateau"
+    callbacks, time_keeper = fit_callbacks(
+        recorder, listener, clock, budget, max_epochs, plateau, later_epochs, later_seconds
+    )
+    class_weight = class_weights_for(config, manifest)
     listener.on_training_start(
         TrainingStarted(
             run_id=run_dir.name,
@@ -368,11 +388,11 @@ def train_run(
             num_classes=num_classes,
             num_train=len(manifest.train),
             num_val=len(manifest.val),
-            total_epochs=max_epochs or 0,
+            total_epochs=total_epochs,
             initial_epoch=initial_epoch,
             steps_per_epoch=data.steps_per_epoch,
             time_budget=budget,
-            seconds_left=clock.seconds_left() if clock is not None else None,
+            seconds_left=deadline - time.monotonic() if deadline is not None else None,
         )
     )
     started = time.perf_counter()
@@ -381,23 +401,31 @@ def train_run(
     def seconds_so_far() -> float:
         return previous_seconds + time.perf_counter() - started
 
+    stopped_by = STOPPED_BY_EPOCHS
     try:
         if initial_epoch < fit_epochs:
-            with warnings.catch_warnings():
-                # Undecodable files are filtered out of the validation stream, so Keras cannot know
-                # its number of batches in advance and warns about it; that is expected here.
-                warnings.filterwarnings("ignore", message=".*ran out of data.*")
-                warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-                fit_model.fit(
-                    fit_data.train,
-                    validation_data=fit_data.val,
-                    epochs=fit_epochs,
-                    initial_epoch=initial_epoch,
-                    steps_per_epoch=fit_data.steps_per_epoch,
-                    class_weight=class_weights_for(config, manifest),
-                    callbacks=callbacks,
-                    verbose=0,
-                )
+            fit_quietly(fit_model, fit_data, fit_epochs, initial_epoch, callbacks, class_weight)
+            stopped_by = stopped_reason(recorder, time_keeper)
+        if fine_tuning is not None and fine_tuning.epochs and state.history and not recorder.empty_split:
+            phase = prepare_phase_two(
+                fine_tuning,
+                model,
+                data.steps_per_epoch,
+                recorder,
+                deadline,
+                validation_steps,
+                config,
+                strategy,
+                run_dir,
+                listener,
+            )
+            if phase.skipped:
+                stopped_by = STOPPED_BY_TIME_BUDGET
+            elif phase.callbacks:
+                with strategy.scope():
+                    build_before_tracing(model, data.train)
+                fit_quietly(model, data, phase.last_epoch, phase.initial_epoch, phase.callbacks, class_weight)
+                stopped_by = stopped_reason(recorder, phase.time_keeper)
     except KeyboardInterrupt:
         shutil.rmtree(cache_dir, ignore_errors=True)
         all_skipped = skipped + skipped_as_dicts(failures.entries())
@@ -428,11 +456,6 @@ def train_run(
         )
     if not state.history:
         raise DatasetError("No epoch completed", "check that the dataset holds readable images")
-    stopped_by = STOPPED_BY_EPOCHS
-    if recorder.stopped_early:
-        stopped_by = STOPPED_BY_EARLY_STOPPING
-    elif time_keeper is not None and time_keeper.stopped:
-        stopped_by = STOPPED_BY_TIME_BUDGET
     store.update_meta(run_dir, time_budget=budget, stopped_by=stopped_by)
     finish_run(run_dir, state, store.STATUS_COMPLETED, train_seconds, all_skipped, listener)
     failed_paths = {entry.path for entry in failures.entries()}
@@ -451,10 +474,46 @@ def train_run(
         train_seconds=round(train_seconds, 3),
         skipped_files=all_skipped,
         model_path=str(store.best_model_file(run_dir)),
-        stopped_early=recorder.stopped_early,
+        stopped_early=stopped_by == STOPPED_BY_EARLY_STOPPING,
         time_budget=budget,
         stopped_by=stopped_by,
     )
+
+
+def fit_quietly(
+    model: keras.Model,
+    data: TrainingData,
+    epochs: int,
+    initial_epoch: int,
+    callbacks: list[keras.callbacks.Callback],
+    class_weight: dict[int, float] | None,
+) -> None:
+    """``model.fit`` from ``initial_epoch`` to ``epochs`` (0-based, as Keras counts), reporting
+    only through ``callbacks``."""
+    with warnings.catch_warnings():
+        # Undecodable files are filtered out of the validation stream, so Keras cannot know
+        # its number of batches in advance and warns about it; that is expected here.
+        warnings.filterwarnings("ignore", message=".*ran out of data.*")
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+        model.fit(
+            data.train,
+            validation_data=data.val,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=data.steps_per_epoch,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            verbose=0,
+        )
+
+
+def stopped_reason(recorder: RunRecorder, time_keeper: TimeBudget | None) -> str:
+    """What ended the last ``fit``: early stopping, the time budget or its number of epochs."""
+    if recorder.stopped_early:
+        return STOPPED_BY_EARLY_STOPPING
+    if time_keeper is not None and time_keeper.stopped:
+        return STOPPED_BY_TIME_BUDGET
+    return STOPPED_BY_EPOCHS
 
 
 def head_on_cached_features(

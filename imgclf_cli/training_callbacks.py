@@ -60,10 +60,17 @@ class TrainingState:
         """The history row of the best epoch (there must be one)."""
         return next(row for row in self.history if int(row["epoch"]) == self.best_epoch)
 
+    def restart_patience(self) -> None:
+        """A new phase of training (fine-tuning) gets its own early-stopping patience."""
+        self.epochs_without_improvement = 0
+
     @classmethod
-    def from_history(cls, rows: list[dict[str, float]]) -> TrainingState:
+    def from_history(cls, rows: list[dict[str, float]], phase_start: int | None = None) -> TrainingState:
+        """The state after ``rows``; patience restarts at epoch ``phase_start`` as it did live."""
         state = cls()
         for row in rows:
+            if phase_start is not None and int(row["epoch"]) == phase_start:
+                state.restart_patience()
             state.record(row)
         return state
 
@@ -196,6 +203,8 @@ class TimeBudget(keras.callbacks.Callback):
         recorder: RunRecorder,
         listener: TrainingListener,
         max_epochs: int | None,
+        later_epochs: int = 0,
+        later_seconds: float = 0.0,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -203,6 +212,10 @@ class TimeBudget(keras.callbacks.Callback):
         self.recorder = recorder
         self.listener = listener
         self.max_epochs = max_epochs
+        # A later phase (fine-tuning) runs on its own clock after this one's deadline: its
+        # epochs and the time kept for it are added to the plan shown.
+        self.later_epochs = later_epochs
+        self.later_seconds = later_seconds
         self.schedule: ProgressCosine | None = None
         self.start_progress = 0.0
         self.stopped = False
@@ -254,6 +267,7 @@ class TimeBudget(keras.callbacks.Callback):
         planned = max(epoch + 1, min(fit, self.max_epochs) if self.max_epochs else fit)
         if self.stopped:
             planned = epoch + 1
+        planned += self.later_epochs
         self.recorder.total_epochs = planned
         previous = self.reported_epochs
         if previous is None or abs(planned - previous) > max(1.0, PLAN_REPORT_CHANGE * previous):
@@ -263,6 +277,34 @@ class TimeBudget(keras.callbacks.Callback):
                     budget_seconds=self.budget_seconds,
                     epochs=planned,
                     epoch_seconds=self.clock.epoch_pace() or 0.0,
-                    seconds_left=self.clock.seconds_left(),
+                    seconds_left=self.clock.seconds_left() + self.later_seconds,
                 )
             )
+
+
+def fit_callbacks(
+    recorder: RunRecorder,
+    listener: TrainingListener,
+    clock: BudgetClock | None,
+    budget_seconds: float | None,
+    max_epochs: int | None,
+    plateau: bool,
+    later_epochs: int = 0,
+    later_seconds: float = 0.0,
+) -> tuple[list[keras.callbacks.Callback], TimeBudget | None]:
+    """The callbacks of one ``fit`` (one phase of training), and its ``TimeBudget`` if any.
+
+    ``plateau``: ``train.lr_schedule`` is ``plateau`` (Keras' ReduceLROnPlateau).
+    """
+    callbacks: list[keras.callbacks.Callback] = [recorder]
+    time_keeper: TimeBudget | None = None
+    if clock is not None and budget_seconds is not None:
+        time_keeper = TimeBudget(
+            clock, budget_seconds, recorder, listener, max_epochs, later_epochs, later_seconds
+        )
+        callbacks.insert(0, time_keeper)
+    if plateau:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3, min_lr=1e-6)
+        )
+    return callbacks, time_keeper

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from imgclf_cli.time_budget import TimePlan
 
-__all__ = ["EpochEnded", "TimePlan", "TrainingListener", "TrainingStarted"]
+__all__ = ["EpochEnded", "FineTuneStarted", "TimePlan", "TrainingListener", "TrainingStarted"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,21 @@ class EpochEnded:
     improved: bool
 
 
+@dataclass(frozen=True)
+class FineTuneStarted:
+    """Sent when training moves from the head on cached features to fine-tuning the backbone
+    (``model.fine_tune_layers``, ``train.fine_tune_epochs``; see ``imgclf_cli.fine_tuning``)."""
+
+    layers: int
+    """The backbone's last layers that now train (BatchNorm excepted)."""
+    first_epoch: int
+    """The first fine-tune epoch (1-based, numbered after the head's epochs)."""
+    total_epochs: int
+    """The last planned epoch of the run."""
+    learning_rate: float
+    steps_per_epoch: int
+
+
 class TrainingListener:
     """Receives ``train()``'s events; every method does nothing unless overridden.
 
@@ -85,6 +100,9 @@ class TrainingListener:
     def on_time_plan(self, plan: TimePlan) -> None:
         """With a time budget: how many epochs are expected to fit (after the first epoch, and
         again whenever the estimate moves)."""
+
+    def on_fine_tune_start(self, event: FineTuneStarted) -> None:
+        """The backbone's last layers are unfrozen; the next epochs train the whole model."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Epoch ``epoch`` (1-based) starts."""

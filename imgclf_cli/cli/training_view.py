@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 from imgclf_cli.console import err, make_progress, warn
 from imgclf_cli.time_budget import format_duration
-from imgclf_cli.training_events import EpochEnded, TimePlan, TrainingListener, TrainingStarted
+from imgclf_cli.training_events import (
+    EpochEnded,
+    FineTuneStarted,
+    TimePlan,
+    TrainingListener,
+    TrainingStarted,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -93,6 +99,17 @@ class TrainingView(TrainingListener):
             )
         if self.bars is not None and self.epoch_task is not None:
             self.bars.update(self.epoch_task, total=plan.epochs)
+
+    def on_fine_tune_start(self, event: FineTuneStarted) -> None:
+        if not self.quiet:
+            self.print(
+                f"Fine-tuning the backbone's last {event.layers} layers (BatchNorm stays frozen), "
+                f"epochs {event.first_epoch}-{event.total_epochs} at learning rate {event.learning_rate:.2e}"
+            )
+        # Epochs on images may take a different number of steps than those on cached features.
+        self.steps_per_epoch = event.steps_per_epoch
+        if self.bars is not None and self.epoch_task is not None:
+            self.bars.update(self.epoch_task, total=event.total_epochs)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.bars is not None and self.batch_task is not None:
