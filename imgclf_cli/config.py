@@ -1,11 +1,14 @@
 """The training configuration: typed dataclasses, YAML files, ``--set`` overrides, validation.
 
 Precedence: defaults < YAML file (``--config``) < ``--set key=value`` < explicit flags.
-Unknown keys and wrong types are errors that name the key, the expected type and the valid keys.
+Unknown keys and wrong values are usage errors (exit code 2) that name the key and the expected
+type, and suggest the closest keys or choices. A run saves its config with every ``auto``
+replaced by what the run decided (``Config.decided``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -15,9 +18,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from imgclf_cli.errors import ConfigError, UsageError
+from imgclf_cli.errors import ConfigError, UsageError, closest, did_you_mean
+from imgclf_cli.model_names import DEFAULT_MODEL, canonical_model_name
 
-DEFAULT_MODEL = "imgclf-cnn"
+ALL_KEYS_HINT = "imgclf train --print-config lists every key"
 
 
 @dataclass
@@ -54,7 +58,8 @@ class AugmentConfig:
     """Random rotation, as a fraction of a full turn."""
     zoom: float = 0.1
     translation: float = 0.1
-    contrast: float = 0.1
+    contrast: float = 0.0
+    """Random contrast change (e.g. 0.1); off by default: its ~12% of a training step bought no accuracy in a fixed time (bench/README.md)."""  # noqa: E501 (one line: it is the --print-config comment)
 
 
 @dataclass
@@ -97,6 +102,49 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def decided(
+        self,
+        precision_policy: str,
+        strategy: str,
+        memory_cache_fits: bool,
+        backbone_frozen: bool,
+        class_weights: dict[int, float] | None,
+        classes: list[str],
+    ) -> Config:
+        """A copy with each ``auto`` replaced by what the run decided: the run's config.yaml.
+
+        The decisions are made where they always were and passed in as they came out: the Keras
+        ``precision_policy`` and the tf.distribute ``strategy`` class name (``training_recipe``);
+        whether the larger split's images fit in the memory cache (``pipeline``; when only the
+        smaller one did, disk is recorded: a resume never holds more in memory than this run
+        did); whether ``models.build_model`` froze the backbone; the ``class_weights`` by class
+        index (``training_recipe.class_weights_for``), recorded by class name. imgclf-cnn loads
+        no weights and has no backbone, so those settings are recorded as off. A resumed run
+        reads the record back and trains the same way. ``train.cache_features`` stays ``auto``
+        on a backbone: it has no value meaning "cache" (``fine_tuning`` plans on ``auto``).
+        """
+        recorded = copy.deepcopy(self)
+        data, model, train = recorded.data, recorded.model, recorded.train
+        model.name = canonical_model_name(model.name)
+        scratch = model.name == DEFAULT_MODEL
+        if scratch:
+            model.weights = "none"
+            if train.cache_features == "auto":
+                train.cache_features = "false"
+        if data.cache == "auto":
+            data.cache = "memory" if memory_cache_fits else "disk"
+        if model.freeze_backbone == "auto":
+            model.freeze_backbone = "true" if backbone_frozen and not scratch else "false"
+        if train.mixed_precision == "auto":
+            train.mixed_precision = "false" if precision_policy == "float32" else "true"
+        if train.distribute == "auto":
+            train.distribute = "mirrored" if strategy == "MirroredStrategy" else "none"
+        if train.class_weights == "auto" and class_weights is None:
+            train.class_weights = "none"
+        elif train.class_weights == "auto" and class_weights is not None:
+            train.class_weights = {classes[index]: weight for index, weight in class_weights.items()}
+        return recorded
+
     @property
     def image_size(self) -> tuple[int, int]:
         """The resolved (height, width); ``auto`` must have been resolved (``resolve_image_size``)."""
@@ -128,6 +176,28 @@ def all_keys(config_type: type = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{item.name}")
     return keys
+
+
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    """The error for an unknown ``key`` (found ``where``), suggesting the closest keys.
+
+    Keys are compared by their last part (every one is unique), so a key in the wrong section
+    (``train.batch_size``) or without one (``epochs``) finds its place, and the shared section
+    prefix does not make every key of a section look close.
+    """
+    by_name = {dotted.rsplit(".", 1)[-1]: dotted for dotted in all_keys()}
+    by_name.update({item.name: item.name for item in dataclasses.fields(Config)})
+    names = [by_name[name] for name in closest(key.rsplit(".", 1)[-1], by_name) if by_name[name] != key]
+    return ConfigError(did_you_mean(f"Unknown config key '{key}'{where}", names), ALL_KEYS_HINT)
+
+
+def choices(hint: Any) -> list[str]:
+    """The spelled-out choices (``Literal`` values) a type accepts, e.g. adamw, adam, sgd."""
+    if typing.get_origin(hint) is Literal:
+        return [str(value) for value in typing.get_args(hint)]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return [choice for arg in typing.get_args(hint) for choice in choices(arg)]
+    return []
 
 
 def describe_type(hint: Any) -> str:
@@ -194,24 +264,31 @@ def coerce(value: Any, hint: Any) -> Any:
     raise ValueError
 
 
-def apply_values(target: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Set fields of the dataclass ``target`` from a (nested) mapping, validating each."""
+def apply_values(target: Any, values: dict[str, Any], prefix: str = "", where: str = "") -> None:
+    """Set fields of the dataclass ``target`` from a (nested) mapping, validating each.
+
+    ``where`` names the source in messages, e.g. `` in c.yaml``.
+    """
     hints = typing.get_type_hints(type(target))
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            valid = ", ".join(all_keys(type(target), prefix))
-            raise ConfigError(f"Unknown config key '{dotted}'", f"valid keys: {valid}")
+            raise unknown_key_error(dotted, where)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ConfigError(f"Config key '{dotted}' must be a mapping of its sub-keys, got {value!r}")
-            apply_values(getattr(target, key), value, f"{dotted}.")
+                raise ConfigError(
+                    f"Config key '{dotted}'{where} must be a mapping of its sub-keys, got {value!r}"
+                )
+            apply_values(getattr(target, key), value, f"{dotted}.", where)
             continue
         try:
             converted = coerce(value, hint)
         except ValueError:
-            raise ConfigError(f"Config key '{dotted}' expects {describe_type(hint)}, got {value!r}") from None
+            message = f"Config key '{dotted}'{where} expects {describe_type(hint)}, got {value!r}"
+            if isinstance(value, str):
+                message = did_you_mean(message, closest(value.lower(), choices(hint)))
+            raise ConfigError(message) from None
         setattr(target, key, converted)
 
 
@@ -243,6 +320,7 @@ def validate(config: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"Config key '{key}' expects {expected}, got {lookup(config, key)!r}")
+    canonical_model_name(config.model.name)
 
 
 def valid_time_budget(text: str) -> bool:
@@ -320,10 +398,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     if key not in all_keys():
-        raise UsageError(
-            f"Invalid --set {text!r}: unknown key '{key}'",
-            f"valid keys: {', '.join(all_keys())}",
-        )
+        raise unknown_key_error(key, f" (--set {text})")
     return key, value
 
 
@@ -364,10 +439,10 @@ def resolve_config(
     if base:
         apply_values(config, base)
     if config_file:
-        apply_values(config, load_yaml(config_file))
+        apply_values(config, load_yaml(config_file), where=f" in {config_file}")
     for text in overrides or []:
         key, value = parse_override(text)
-        apply_values(config, nest(key, value))
+        apply_values(config, nest(key, value), where=f" (--set {text})")
     for key, value in (flags or {}).items():
         if value is not None:
             apply_values(config, nest(key, value))
@@ -375,10 +450,16 @@ def resolve_config(
     return config
 
 
-def documented_yaml() -> str:
-    """Every key with its default and a comment: what ``--print-config`` prints."""
-    lines = ["# imgclf training config: every key with its default.", ""]
-    config = Config()
+def documented_yaml(config: Config | None = None) -> str:
+    """Every key with its value in ``config`` (default: its default) and a comment.
+
+    What ``imgclf train --print-config`` prints (``--defaults``: without ``config``).
+    """
+    if config is None:
+        lines = ["# imgclf training config: every key with its default.", ""]
+        config = Config()
+    else:
+        lines = ["# imgclf training config: every key as this command would use it.", ""]
     lines.append(f"seed: {config.seed}  # one seed for the split, shuffling, initialisation and augmentation")
     for section in ("data", "model", "augment", "train"):
         lines.append(f"{section}:")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ImgclfError(Exception):
     """A problem with the user's input or environment, reported without a traceback.
@@ -26,8 +29,8 @@ class UsageError(ImgclfError):
     exit_code = 2
 
 
-class ConfigError(ImgclfError):
-    """An invalid config file, key or value."""
+class ConfigError(UsageError):
+    """An invalid config file, key or value (exit code 2, like the --set or flag that gave it)."""
 
 
 class DatasetError(ImgclfError):
@@ -43,7 +46,7 @@ class RunFileError(RunNotFoundError):
 
 
 class ModelError(ImgclfError):
-    """An unknown model name or a model file that cannot be loaded."""
+    """A model that cannot be built or loaded (an unknown model name is a ``ConfigError``)."""
 
 
 class TrainingInterrupted(ImgclfError):
@@ -62,3 +65,18 @@ class ExportVerificationError(ImgclfError):
     def __init__(self, message: str, hint: str | None = None, report: object = None) -> None:
         super().__init__(message, hint)
         self.report = report
+
+
+def closest(received: str, choices: Iterable[str]) -> list[str]:
+    """The (at most three) ``choices`` closest to ``received``, closest first; ``[]`` when none is."""
+    # A little above difflib's 0.6: at 0.6 "epochs" also drew warmup_epochs and "batch_size"
+    # image_size, while typos (epoch, optimzer, ture, memroy, resnet5) all score 0.75 or more.
+    return difflib.get_close_matches(received, list(choices), n=3, cutoff=0.65)
+
+
+def did_you_mean(message: str, names: list[str]) -> str:
+    """``message``, then "Did you mean a, b or c?" when there are ``names`` to suggest."""
+    if not names:
+        return message
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"{message}. Did you mean {listed}?"

@@ -41,9 +41,9 @@ from imgclf_cli.feature_cache import (
     should_cache_features,
     split_at_backbone,
 )
-from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
+from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two, sole_backbone
 from imgclf_cli.models import build_model, canonical_model_name, load_model
-from imgclf_cli.pipeline import DecodeFailures, make_dataset
+from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
 from imgclf_cli.time_budget import BudgetClock
 from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, TrainingState, fit_callbacks
 from imgclf_cli.training_events import TrainingListener, TrainingStarted
@@ -288,7 +288,6 @@ def train_run(
     if resume:
         run_dir, stored, manifest = prepare_resume(resume, runs_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)
-        store.write_config(run_dir, config)
         meta = store.read_meta(run_dir)
         skipped = list(meta.get("skipped_files", []))
         fine_tune_start = (meta.get("fine_tune") or {}).get("first_epoch")
@@ -326,6 +325,13 @@ def train_run(
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.train.label_smoothing),
                 metrics=["accuracy"],
             )
+    # config.yaml records what each auto became; a resume reads it back (see Config.decided).
+    class_weight = class_weights_for(config, manifest)
+    backbone = sole_backbone(model)  # None for imgclf-cnn
+    frozen = backbone is not None and not all(layer.trainable for layer in backbone.layers)
+    fits = cache_fits_in_memory(max(len(manifest.train), len(manifest.val)), config.image_size)
+    decided = config.decided(policy, type(strategy).__name__, fits, frozen, class_weight, manifest.classes)
+    store.write_config(run_dir, decided)
     # The same architecture, never compiled: what best.keras holds (see RunRecorder).
     deployment_model = type(model).from_config(model.get_config())
     replicas = strategy.num_replicas_in_sync
@@ -379,7 +385,6 @@ def train_run(
     callbacks, time_keeper = fit_callbacks(
         recorder, listener, clock, budget, max_epochs, plateau, later_epochs, later_seconds
     )
-    class_weight = class_weights_for(config, manifest)
     listener.on_training_start(
         TrainingStarted(
             run_id=run_dir.name,

@@ -37,13 +37,52 @@ def test_precedence_defaults_yaml_set_flags(tmp_path: Path) -> None:
     assert config.train.label_smoothing == Config().train.label_smoothing
 
 
-def test_unknown_key_names_key_and_valid_keys(tmp_path: Path) -> None:
+def test_unknown_key_suggests_the_closest_keys_not_all_of_them(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("train:\n  epoks: 7\n")
     with pytest.raises(ConfigError) as caught:
         resolve_config(config_file)
-    assert "train.epoks" in caught.value.message
-    assert "train.epochs" in (caught.value.hint or "")
+    assert (
+        caught.value.message
+        == f"Unknown config key 'train.epoks' in {config_file}. Did you mean train.epochs?"
+    )
+    assert caught.value.hint == "imgclf train --print-config lists every key"
+    assert caught.value.exit_code == 2  # a usage error, as the same mistake in --set is
+    for override, expected in [
+        ("train.epoch=3", "Did you mean train.epochs?"),
+        ("train.optimzer=adam", "Did you mean train.optimizer?"),
+        ("train.batch_size=8", "Did you mean data.batch_size?"),  # the right key in another section
+        ("epochs=3", "Did you mean train.epochs?"),
+    ]:
+        with pytest.raises(UsageError) as caught:
+            resolve_config(overrides=[override])
+        assert caught.value.message.endswith(expected), caught.value.message
+        assert "learning_rate" not in str(caught.value)  # no list of every key
+    with pytest.raises(UsageError) as caught:
+        resolve_config(overrides=["zzz=1"])
+    assert caught.value.message == "Unknown config key 'zzz' (--set zzz=1)"  # nothing close
+
+
+def test_bad_choice_and_model_name_suggest_the_closest() -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(overrides=["train.optimizer=adamx"])
+    assert "expects adamw | adam | sgd, got 'adamx'. Did you mean adam or adamw?" in caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(overrides=["data.cache=memroy"])
+    assert caught.value.message.endswith("Did you mean memory?")
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(flags={"model.name": "resnet5"})
+    assert caught.value.message == "Unknown model 'resnet5'. Did you mean resnet50 or resnet50_v2?"
+    assert caught.value.hint == "imgclf train --help lists every model"
+    assert caught.value.exit_code == 2
+    assert resolve_config(flags={"model.name": "ResNet50V2"}).model.name == "ResNet50V2"  # Keras' spelling
+
+
+def test_config_errors_are_usage_errors() -> None:
+    """A bad key and a bad value exit alike, from --set, a flag or a config file."""
+    assert (
+        issubclass(ConfigError, UsageError) and ConfigError("x").exit_code == UsageError("x").exit_code == 2
+    )
 
 
 def test_wrong_type_names_expected_type() -> None:
@@ -96,6 +135,44 @@ def test_documented_yaml_lists_every_key_and_round_trips() -> None:
         assert f"{key.split('.')[-1]}:" in text
     reloaded = yaml.safe_load(text)
     assert resolve_config(base=reloaded).to_dict() == Config().to_dict()
+
+
+def test_documented_yaml_of_a_config_shows_its_values_with_the_same_comments(tmp_path: Path) -> None:
+    import yaml
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("train:\n  epochs: 3\n")
+    config = resolve_config(
+        config_file, overrides=["data.image_size=[64, 96]", "train.class_weights={a: 2}"], flags={"seed": 7}
+    )
+    text = documented_yaml(config)
+    assert resolve_config(base=yaml.safe_load(text)).to_dict() == config.to_dict()
+    assert "  epochs: 3  # int. With train.time_budget" in text
+    assert "  image_size: [64, 96]  # auto | int | list of int. Input size:" in text
+    comments = [line.partition("  # ")[2] for line in text.splitlines()[2:]]
+    assert comments == [line.partition("  # ")[2] for line in documented_yaml().splitlines()[2:]]
+
+
+def test_decided_config_records_what_each_auto_became() -> None:
+    backbone = resolve_config(flags={"model.name": "MobileNetV3Small", "data.image_size": 96})
+    decided = backbone.decided(
+        "mixed_bfloat16", "MirroredStrategy", False, True, {0: 0.5, 1: 2.0}, ["a", "b"]
+    )
+    assert (decided.model.name, decided.model.weights) == ("mobilenet_v3_small", "imagenet")
+    assert (decided.data.cache, decided.model.freeze_backbone) == ("disk", "true")
+    assert (decided.train.mixed_precision, decided.train.distribute) == ("true", "mirrored")
+    assert decided.train.class_weights == {"a": 0.5, "b": 2.0}
+    assert decided.train.cache_features == "auto"  # no spelling for "cache" yet
+    assert backbone.model.freeze_backbone == "auto"  # a copy: training goes on deciding as before
+    # What a resumed run reads back: the same values, valid.
+    assert resolve_config(base=decided.to_dict()).to_dict() == decided.to_dict()
+
+    scratch = resolve_config(overrides=["data.cache=none", "train.mixed_precision=true"])
+    decided = scratch.decided("float32", "_DefaultDistributionStrategy", True, False, None, ["a", "b"])
+    assert (decided.model.weights, decided.model.freeze_backbone) == ("none", "false")
+    assert (decided.data.cache, decided.train.mixed_precision) == ("none", "true")  # given: kept
+    assert (decided.train.distribute, decided.train.class_weights) == ("none", "none")
+    assert decided.train.cache_features == "false"
 
 
 def test_auto_image_size() -> None:
@@ -290,7 +367,8 @@ def test_light_commands_do_not_import_tensorflow() -> None:
         "runner = CliRunner()\n"
         "for args in (['--help'], ['--version'], ['train', '--help'], ['evaluate', '--help'],"
         " ['predict', '--help'], ['export', '--help'], ['inspect-dataset', '--help'],"
-        " ['train', '--print-config']):\n"
+        " ['train', '--print-config'],"
+        " ['train', '--print-config', '--model', 'resnet50', '--epochs', '3']):\n"
         "    result = runner.invoke(app, args)\n"
         "    assert result.exit_code == 0, (args, result.output)\n"
         "heavy = [name for name in ('tensorflow', 'keras', 'sklearn', 'matplotlib') if name in sys.modules]\n"

@@ -1,4 +1,4 @@
-"""Model building blocks: the combined augmentation layer."""
+"""Model building blocks: the combined augmentation layer, the model names."""
 
 from __future__ import annotations
 
@@ -63,3 +63,14 @@ def test_random_affine_survives_a_save_and_safe_mode_load(tmp_path) -> None:  # 
     layer = next(layer for layer in loaded.layers if isinstance(layer, RandomAffine))
     assert (layer.rotation, layer.seed, layer.horizontal_flip) == (0.1, 3, True)
     np.testing.assert_allclose(np.asarray(loaded(gradient_images(2))), np.asarray(model(gradient_images(2))))
+
+
+def test_the_light_name_list_is_the_architecture_registry() -> None:
+    """The config checks names in ``model_names`` without Keras; ``models`` builds them."""
+    from imgclf_cli import model_names, models
+
+    assert list(models.BACKBONES) == list(model_names.BACKBONE_NAMES)
+    assert models.canonical_model_name is model_names.canonical_model_name
+    for name, backbone in models.BACKBONES.items():
+        assert models.canonical_model_name(backbone.constructor) == name  # Keras' class names work too
+        assert models.canonical_model_name(name.replace("_", "-").upper()) == name

@@ -41,9 +41,9 @@ def test_durations_read_back() -> None:
     assert [format_duration(seconds) for seconds in (20, 95, 300, 5400)] == ["20s", "1m35s", "5m", "1h30m"]
 
 
-def test_a_bad_budget_is_a_config_error() -> None:
+def test_a_bad_budget_is_a_usage_error() -> None:
     result = CliRunner().invoke(app, ["train", "sample_data", "--time", "soon"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad value is a usage error, as a bad key is
     assert "train.time_budget" in result.stderr and "90s, 5m, 1.5h" in result.stderr
 
 

@@ -130,11 +130,21 @@ def test_dataset_whose_images_all_fail_to_decode_is_a_clear_error(tmp_path: Path
     ("args", "code", "message"),
     [
         (["/definitely/not/here"], 1, "not found"),
-        (["{data}", "--model", "resnet5O"], 1, "Unknown model"),
+        (["{data}", "--model", "resnet5O"], 2, "Unknown model 'resnet5O'. Did you mean resnet50"),
         (["{data}", "--set", "train.epochs"], 2, "KEY=VALUE"),
-        (["{data}", "--set", "train.epochz=3"], 2, "unknown key"),
-        (["{data}", "--set", "train.epochs=ten"], 1, "expects int"),
-        (["{data}", "--config", "{bad_yaml}"], 1, "Invalid YAML"),
+        (
+            ["{data}", "--set", "train.epochz=3"],
+            2,
+            "Did you mean train.epochs?\nHint: imgclf train --print-config",
+        ),
+        (["{data}", "--set", "train.epochs=ten"], 2, "expects int"),
+        (["{data}", "--set", "train.optimizer=adamx"], 2, "Did you mean adam or adamw?\n"),
+        (
+            ["{data}", "--config", "{bad_key}"],
+            2,
+            "Did you mean train.epochs?\nHint: imgclf train --print-config",
+        ),
+        (["{data}", "--config", "{bad_yaml}"], 2, "Invalid YAML"),
         (["{single}"], 1, "Only one class"),
         (["{empty}"], 1, "No class folders"),
     ],
@@ -147,12 +157,15 @@ def test_errors_are_one_clear_line(
     (tmp_path / "empty").mkdir()
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train: [oops\n")
-    filled = [a.format(data=data, single=single, empty=tmp_path / "empty", bad_yaml=bad_yaml) for a in args]
-    exit_code, _, stderr = train_cli(*filled)
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("train:\n  epoch: 3\n")
+    places = dict(data=data, single=single, empty=tmp_path / "empty", bad_yaml=bad_yaml, bad_key=bad_key)
+    exit_code, _, stderr = train_cli(*[a.format(**places) for a in args])
     assert exit_code == code, stderr
     assert message in stderr
     assert "Traceback" not in stderr
     assert stderr.startswith("Error:")
+    assert len(stderr.splitlines()) <= 2  # one line, and at most one hint
     assert not list(runs_dir.glob("*")) or not any(runs_dir.iterdir())
 
 
@@ -163,6 +176,62 @@ def test_print_config_is_valid_yaml_with_every_section() -> None:
     assert result.exit_code == 0
     document = yaml.safe_load(result.stdout)
     assert set(document) == {"seed", "data", "model", "augment", "train"}
+
+
+def test_print_config_prints_the_merged_config_and_defaults_on_request(tmp_path: Path) -> None:
+    import yaml
+
+    from imgclf_cli.config import documented_yaml
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("train:\n  epochs: 3\n  learning_rate: 0.5\n")
+    for args in (["--epochs", "3"], ["--set", "train.epochs=3"], ["--config", str(config_file)]):
+        result = runner.invoke(app, ["train", "--print-config", *args])
+        assert result.exit_code == 0, result.output
+        assert yaml.safe_load(result.stdout)["train"]["epochs"] == 3, args
+        assert "  epochs: 3  # int. With train.time_budget" in result.stdout  # the comments stay
+    # defaults < file < --set < flags
+    args = ["--config", str(config_file), "--set", "train.epochs=5", "--set", "seed=1", "--seed", "2"]
+    merged = yaml.safe_load(runner.invoke(app, ["train", "--print-config", *args]).stdout)
+    assert (merged["train"]["epochs"], merged["train"]["learning_rate"], merged["seed"]) == (5, 0.5, 2)
+
+    defaults = runner.invoke(app, ["train", "--print-config", "--defaults", "--epochs", "3"])
+    assert defaults.exit_code == 0 and defaults.stdout == documented_yaml()
+    assert "epochs: 12" in defaults.stdout
+    alone = runner.invoke(app, ["train", "--defaults"])
+    assert alone.exit_code == 2 and "--defaults only applies to --print-config" in alone.stderr
+    typo = runner.invoke(app, ["train", "--print-config", "--set", "train.epoch=3"])
+    assert typo.exit_code == 2 and "Did you mean train.epochs?" in typo.stderr
+
+
+def auto_keys(values: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is still ``auto``."""
+    found = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found += auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def test_saved_config_is_fully_resolved(trained_run: dict) -> None:
+    import yaml
+
+    saved = yaml.safe_load((trained_run["run_dir"] / store.CONFIG_FILE).read_text())
+    assert auto_keys(saved) == []
+    assert saved["model"] | {"dropout": 0, "width": 0} == {
+        "name": "imgclf-cnn",
+        "weights": "none",  # imgclf-cnn loads no pretrained weights
+        "freeze_backbone": "false",
+        "fine_tune_layers": 0,
+        "dropout": 0,
+        "width": 0,
+    }
+    assert saved["data"]["image_size"] == 48 and saved["data"]["cache"] == "memory"
+    train = saved["train"]
+    assert (train["mixed_precision"], train["distribute"]) == ("false", "none")  # one CPU device
+    assert (train["class_weights"], train["cache_features"]) == ("none", "false")  # balanced; no backbone
 
 
 def test_interrupt_then_resume_continues_from_last_epoch(
@@ -185,6 +254,8 @@ def test_interrupt_then_resume_continues_from_last_epoch(
     assert "--resume" in stderr
     (run_dir,) = store.list_runs(runs_dir)
     assert store.read_meta(run_dir)["status"] == "interrupted"
+    interrupted_config = (run_dir / store.CONFIG_FILE).read_text()
+    assert "auto" not in interrupted_config  # resolved values are what the resume reads back
     assert (run_dir / store.LAST_CHECKPOINT_FILE).is_file()
     assert len(store.read_history(run_dir)) == 2
     with pytest.raises(Exception, match="No completed run"):
@@ -198,6 +269,7 @@ def test_interrupt_then_resume_continues_from_last_epoch(
     assert summary["epochs_run"] == 4
     assert [row["epoch"] for row in store.read_history(run_dir)] == [1, 2, 3, 4]
     assert store.read_meta(run_dir)["status"] == "completed"
+    assert (run_dir / store.CONFIG_FILE).read_text() == interrupted_config
 
 
 def test_pretrained_backbone_with_random_weights_trains(tmp_path: Path, runs_dir: Path) -> None:
@@ -220,6 +292,32 @@ def test_pretrained_backbone_with_random_weights_trains(tmp_path: Path, runs_dir
     summary = json.loads(stdout)
     config = (Path(summary["run_dir"]) / store.CONFIG_FILE).read_text()
     assert "name: mobilenet_v3_small" in config
+    assert "freeze_backbone: 'false'" in config  # auto trains a random backbone
+
+
+def test_pretrained_backbone_is_recorded_frozen(tmp_path: Path, runs_dir: Path) -> None:
+    import keras
+    import yaml
+
+    from imgclf_cli.models import BACKBONES
+
+    spec = BACKBONES["mobilenet_v3_small"]
+    backbone = getattr(keras.applications, spec.constructor)(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", **dict(spec.extra_kwargs)
+    )
+    weights = tmp_path / "backbone.weights.h5"  # stands in for downloaded ImageNet weights
+    backbone.save_weights(weights)
+    data = make_class_folders(tmp_path / "data", per_class=3)
+    code, stdout, stderr = train_cli(
+        str(data), "--json", "--model", "MobileNetV3Small", "--set", f"model.weights={weights}",
+        "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+    )  # fmt: skip
+    assert code == 0, stderr
+    saved = yaml.safe_load((Path(json.loads(stdout)["run_dir"]) / store.CONFIG_FILE).read_text())
+    assert saved["model"]["name"] == "mobilenet_v3_small" and saved["model"]["weights"] == str(weights)
+    assert saved["model"]["freeze_backbone"] == "true"  # what auto did with pretrained weights
+    # The one auto left: it means "cache the frozen backbone's features", and has no other spelling.
+    assert auto_keys(saved) == ["train.cache_features"]
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path, runs_dir: Path) -> None:

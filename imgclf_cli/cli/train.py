@@ -10,7 +10,8 @@ import typer
 
 from imgclf_cli.cli.options import JsonOption, RunsDirOption, flag
 from imgclf_cli.console import err, make_table, out, print_json, print_skipped_files, progress_enabled
-from imgclf_cli.errors import DatasetError
+from imgclf_cli.errors import DatasetError, UsageError
+from imgclf_cli.model_names import BACKBONE_NAMES, DEFAULT_MODEL
 
 SAMPLE_DATA = Path("sample_data")
 STOPPED_BY_TITLES = {"early_stopping": " (stopped early)", "time_budget": " (time budget reached)"}
@@ -61,8 +62,8 @@ def train_command(
     model: Annotated[
         str | None,
         typer.Option(
-            help="imgclf-cnn, or a backbone: mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, "
-            "resnet50...",
+            help=f"{DEFAULT_MODEL} (from scratch, fast on a CPU), or a keras.applications backbone: "
+            f"{', '.join(BACKBONE_NAMES)}.",
             show_default=False,
         ),
     ] = None,
@@ -86,7 +87,15 @@ def train_command(
     ] = None,
     json_output: JsonOption = False,
     print_config: Annotated[
-        bool, flag("--print-config", help="Print every config key with its default (YAML) and exit.")
+        bool,
+        flag(
+            "--print-config",
+            help="Print every config key as this command would use it (defaults < --config < --set < flags), "
+            "as commented YAML, and exit.",
+        ),
+    ] = False,
+    defaults: Annotated[
+        bool, flag("--defaults", help="With --print-config: print every key's default instead.")
     ] = False,
 ) -> None:
     """Train an image classifier on DATA_DIR and save it as a new run.
@@ -96,18 +105,6 @@ def train_command(
         imgclf train sample_data --epochs 10 --set train.label_smoothing=0.05
         imgclf train my_images --time 5m
     """
-    from imgclf_cli.config import documented_yaml
-
-    if print_config:
-        out.print(documented_yaml(), highlight=False, markup=False, end="")
-        return
-    if data_dir is None and resume is None:
-        if not SAMPLE_DATA.is_dir():
-            raise DatasetError(
-                "No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES"
-            )
-        data_dir = SAMPLE_DATA
-
     flags: dict[str, Any] = {
         "train.epochs": epochs,
         "train.time_budget": time_budget,
@@ -117,6 +114,26 @@ def train_command(
         "train.learning_rate": learning_rate,
         "seed": seed,
     }
+    if print_config and resume:
+        raise UsageError(
+            "--print-config shows a new run's config, not a resumed one's",
+            "a run's config is the config.yaml in its folder",
+        )
+    if print_config:
+        from imgclf_cli.config import documented_yaml, resolve_config
+
+        config = None if defaults else resolve_config(config_file, overrides, flags)
+        out.print(documented_yaml(config), highlight=False, markup=False, end="")
+        return
+    if defaults:
+        raise UsageError("--defaults only applies to --print-config", "add --print-config")
+    if data_dir is None and resume is None:
+        if not SAMPLE_DATA.is_dir():
+            raise DatasetError(
+                "No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES"
+            )
+        data_dir = SAMPLE_DATA
+
     from imgclf_cli.cli.training_view import TrainingView
     from imgclf_cli.resources import seconds_since_process_start
     from imgclf_cli.training import train
