@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -67,6 +70,64 @@ def format_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def shorten_from_left(path: str, width: int) -> str:
+    """``path`` in at most ``width`` cells, losing its start rather than its end
+    (``…/rose/9633056561_6d.jpg``): the file name is what tells rows apart. Whole folder names
+    go first; the file name itself is cut only when nothing else is left."""
+    if cell_len(path) <= width:
+        return path
+    if width < 2:
+        return "…"[:width]
+    separators = [index for index, character in enumerate(path) if character in ("/", os.sep)]
+    for index in separators:
+        tail = "…" + path[index:]
+        if cell_len(tail) <= width:
+            return tail
+    kept = path
+    while cell_len(kept) > width - 1:
+        kept = kept[1:]
+    return "…" + kept
+
+
+class PathCell:
+    """A table cell holding a path, shortened from the left to the width its column gets.
+
+    Rich can only cut text at its end, which hides the file name of a long path.
+    ``fit_path_column`` decides that width.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(1, cell_len(self.path))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Text(shorten_from_left(self.path, options.max_width), no_wrap=True, overflow="ignore", end="")
+
+
+# A file name longer than this (or than half the console) may lose its start too, rather than
+# squeeze the other columns.
+MAXIMUM_FILE_NAME_WIDTH = 40
+
+
+def fit_path_column(table: Table, index: int, paths: Sequence[str], console: Console) -> None:
+    """Give column ``index`` of ``table`` (``PathCell`` cells holding ``paths``) what the other
+    columns leave of the console's width, but at least ``…/`` and the file name, so that the
+    other columns wrap before a file name is cut. Nothing changes when the table fits."""
+    column = table.columns[index]
+    natural = max([cell_len(str(column.header)), *(cell_len(path) for path in paths)])
+    unlimited = console.options.update_width(sys.maxsize // 2)
+    others = console.measure(table, options=unlimited).maximum - natural
+    available = console.width - others
+    if available >= natural:
+        return
+    name_limit = min(MAXIMUM_FILE_NAME_WIDTH, console.width // 2)
+    names = [min(cell_len("…/" + os.path.basename(path)), cell_len(path), name_limit) for path in paths]
+    column.max_width = max([available, *names])
+    column.no_wrap = True  # Rich then narrows the columns that can wrap
 
 
 def print_skipped_files(skipped: Sequence[dict[str, str]], limit: int = 20) -> None:

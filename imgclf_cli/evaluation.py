@@ -399,7 +399,9 @@ def write_outputs(
         evaluation_plots.plot_misclassified_gallery(
             report.misclassified[:GALLERY_SIZE], target("misclassified.png"), total=report.num_misclassified
         )
-        evaluation_plots.plot_reliability_diagram(report.reliability, report.ece, target("reliability.png"))
+        evaluation_plots.plot_reliability_diagram(
+            report.reliability, report.ece, target("reliability.png"), num_classes=len(labels)
+        )
     files["metrics.json"] = str(output_dir / "metrics.json")
     store.atomic_write_json(output_dir / "metrics.json", report.to_dict())
     return files

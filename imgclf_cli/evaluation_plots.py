@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
 
 from imgclf_cli.plots import save_figure, thumbnail
 
@@ -27,7 +28,7 @@ def short(text: str, limit: int = 18) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path) -> None:
+def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path) -> Figure:
     """Raw counts and row-normalised fractions (recall per true class), side by side."""
     matrix = np.asarray(matrix, dtype=np.int64)
     totals = matrix.sum(axis=1, keepdims=True)
@@ -65,18 +66,20 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path)
     figure.suptitle(f"Confusion matrix ({int(matrix.sum())} images)")
     figure.tight_layout()
     save_figure(figure, path)
+    return figure
 
 
 def plot_misclassified_gallery(
     entries: Sequence[Misclassified], path: Path, total: int | None = None
-) -> None:
-    """A grid of the most confidently wrong images, each titled with its true and predicted class."""
+) -> Figure:
+    """A grid of the most confidently wrong images, each titled with its true and predicted class
+    and the confidence as a percentage with one decimal, enough to rank them."""
     if not entries:
         figure, axis = plt.subplots(figsize=(4, 1.5))
         axis.axis("off")
         axis.text(0.5, 0.5, "No misclassified images", ha="center", va="center", fontsize=12)
         save_figure(figure, path)
-        return
+        return figure
     columns = min(4, len(entries))
     rows = math.ceil(len(entries) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
@@ -87,7 +90,7 @@ def plot_misclassified_gallery(
         if picture is not None:
             axis.imshow(picture)
         axis.set_title(
-            f"true: {short(entry.true)}\npredicted: {short(entry.predicted)} ({entry.confidence:.2f})\n"
+            f"true: {short(entry.true)}\npredicted: {short(entry.predicted)} ({entry.confidence:.1%})\n"
             f"{short(Path(entry.path).name, 28)}",
             fontsize=8,
         )
@@ -95,10 +98,17 @@ def plot_misclassified_gallery(
     figure.suptitle(f"Most confidently wrong images ({shown})")
     figure.tight_layout()
     save_figure(figure, path)
+    return figure
 
 
-def plot_reliability_diagram(bins: Sequence[ReliabilityBin], ece: float, path: Path) -> None:
-    """Accuracy against confidence per bin (the diagonal is perfect calibration), with counts."""
+def plot_reliability_diagram(
+    bins: Sequence[ReliabilityBin], ece: float, path: Path, num_classes: int | None = None
+) -> Figure:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with counts.
+
+    The top-1 probability of ``num_classes`` classes is at least 1/``num_classes``: the
+    confidence axis starts there (at 0 when the number is not given)."""
+    lowest = 1.0 / num_classes if num_classes and num_classes > 1 else 0.0
     figure, (axis, counts_axis) = plt.subplots(
         2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
@@ -124,15 +134,17 @@ def plot_reliability_diagram(bins: Sequence[ReliabilityBin], ece: float, path: P
         hatch="//",
         label="mean confidence",
     )
-    axis.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    axis.set_xlim(0, 1)
+    axis.plot([lowest, 1], [lowest, 1], linestyle="--", color="gray", label="perfect calibration")
+    axis.set_xlim(lowest, 1)
     axis.set_ylim(0, 1)
     axis.set_ylabel("accuracy")
     axis.set_title(f"Reliability diagram (ECE = {ece:.4f}, {len(bins)} bins)")
     axis.legend(loc="upper left")
     counts = [entry.count for entry in bins]
     counts_axis.bar(centres, counts, width=width, color="tab:gray", edgecolor="black")
-    counts_axis.set_xlabel("confidence (top-1 probability)")
+    floor = f"; at least 1/{num_classes} with {num_classes} classes" if lowest else ""
+    counts_axis.set_xlabel(f"confidence (top-1 probability{floor})")
     counts_axis.set_ylabel("images")
     figure.tight_layout()
     save_figure(figure, path)
+    return figure

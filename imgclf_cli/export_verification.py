@@ -5,7 +5,8 @@ that ``imgclf predict`` uses, on the verification images (decoded by
 ``imgclf_cli.images.load_image`` exactly as in training), and compares it with the Keras model:
 top-1 agreement, maximum absolute probability difference, accuracy and its change, file size and
 mean latency per image (batch of one). ``THRESHOLDS`` says what each quantization mode must reach;
-an artifact that misses gets ``problems``, and ``failure_message`` turns them into the error.
+each artifact records the ``threshold`` it was held to, one that misses it gets ``problems``, and
+``failure_message`` turns them into the error.
 A SavedModel is also run on the files' own encoded bytes (``serving_default``), as TF Serving
 would receive them.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ class Threshold:
     max_abs_diff: float | None = None
 
 
+# The mode "none" (no quantization: the spelling of --quantize and of the JSON "quantize" field
+# since the first release) is called by what it is, float32, in everything people read.
+QUANTIZATION_NAMES = {"none": "float32", "dynamic": "dynamic", "float16": "float16", "int8": "int8"}
+
 THRESHOLDS: dict[str, Threshold] = {
     # float32 (TFLite, SavedModel, ONNX) computes the same function: only rounding may differ.
     "none": Threshold(min_agreement=0.995, max_abs_diff=0.01),
@@ -73,15 +78,26 @@ class ArtifactReport:
     latency_ms: float | None = None
     problems: list[str] = field(default_factory=list)
     note: str = ""
+    threshold: Threshold | None = None
+    """What it was held to; ``None`` until verified."""
 
     @property
     def passed(self) -> bool:
         return not self.problems
 
+    @property
+    def quantization(self) -> str:
+        """The mode's name for people: ``float32`` rather than ``none``."""
+        return QUANTIZATION_NAMES.get(self.quantize, self.quantize)
+
     def to_dict(self) -> dict[str, Any]:
+        """``quantize`` keeps the ``--quantize`` spelling (``none``); ``quantization`` names it.
+        ``passed`` and ``threshold`` are ``None`` when the artifact was not verified."""
+        verified = self.threshold is not None
         return {
             "format": self.format,
             "quantize": self.quantize,
+            "quantization": self.quantization,
             "path": self.path,
             "size_bytes": self.size_bytes,
             "agreement": self.agreement,
@@ -89,6 +105,8 @@ class ArtifactReport:
             "accuracy": self.accuracy,
             "accuracy_delta": self.accuracy_delta,
             "latency_ms": self.latency_ms,
+            "passed": self.passed if verified else None,
+            "threshold": asdict(self.threshold) if self.threshold is not None else None,
         }
 
 
@@ -137,7 +155,8 @@ def verify_artifacts(
         num_images=len(images),
     )
     for artifact in artifacts:
-        on_progress(f"Verifying {artifact.format} ({artifact.quantize}): {artifact.path}")
+        on_progress(f"Verifying {artifact.format} ({artifact.quantization}): {artifact.path}")
+        threshold = artifact.threshold = THRESHOLDS[artifact.quantize]
         predictor = load_predictor(model=artifact.path)
         if list(predictor.labels) != labels:
             artifact.problems.append(
@@ -147,7 +166,7 @@ def verify_artifacts(
             artifact.problems.append(f"takes {predictor.image_size} images, expected {image_size}")
             continue
         probabilities, artifact.latency_ms = run_predictor(predictor, images)
-        compare(artifact, probabilities, reference, truth, THRESHOLDS[artifact.quantize])
+        compare(artifact, probabilities, reference, truth, threshold)
         if isinstance(predictor, SavedModelPredictor):
             check = check_serving_bytes(predictor.loaded, artifact, samples, reference, truth)
             if check is not None and check.passed and (check.agreement or 0.0) < SERVING_BYTES_WARN_BELOW:
@@ -256,6 +275,7 @@ def check_serving_bytes(
         size_bytes=saved_model.size_bytes,
         latency_ms=latency_ms,
         note=f"serving_default on the encoded bytes of {len(usable)} image(s)",
+        threshold=SERVING_BYTES_THRESHOLD,
     )
     compare(artifact, np.concatenate(outputs), reference[usable], truth[usable], SERVING_BYTES_THRESHOLD)
     return artifact
@@ -264,7 +284,7 @@ def check_serving_bytes(
 def failure_message(failures: Sequence[ArtifactReport], output_dir: str) -> tuple[str, str]:
     """The error's message (which artifact misses what) and hint (what to try instead)."""
     lines = [
-        f"{Path(artifact.path).name} ({artifact.format} {artifact.quantize}"
+        f"{Path(artifact.path).name} ({artifact.format} {artifact.quantization}"
         f"{', image bytes' if artifact.note else ''}): " + "; ".join(artifact.problems)
         for artifact in failures
     ]
@@ -278,7 +298,7 @@ def failure_message(failures: Sequence[ArtifactReport], output_dir: str) -> tupl
             "or use --quantize float16 or dynamic"
         )
     if modes & {"dynamic", "float16"}:
-        hints.append("prefer --quantize none or float16 for this model")
+        hints.append("prefer --quantize float32 or float16 for this model")
     if "none" in modes:
         hints.append("a float32 artifact should never differ: please report it, with the table above")
     hints.append(f"the files were kept in {output_dir}; --no-verify skips this check")

@@ -3,7 +3,7 @@
 ``export_run()`` is the library entry point behind ``imgclf export``. From a run's ``best.keras``
 it writes, into ``<run>/export/`` (or ``output_dir``):
 
-* ``model.tflite`` (float32), ``model_dynamic.tflite`` (dynamic-range int8 weights),
+* ``model.tflite`` (float32, mode ``none``), ``model_dynamic.tflite`` (dynamic-range int8 weights),
   ``model_float16.tflite`` and ``model_int8.tflite`` (full integer, calibrated on the run's
   training images; ``model_int8_uint8.tflite`` with ``int8_io``, whose input and output are
   ``uint8`` too). Labels and the input size are stored inside the file (metadata ``imgclf``).
@@ -23,6 +23,10 @@ This module plans the export, reads the run and its images, and writes the repor
 ``imgclf_cli.export_verification`` compares every artifact with the Keras model on up to
 ``max_verify_images`` validation images of the run. When an artifact misses its threshold,
 ``ExportVerificationError`` is raised, carrying the full report.
+
+The unquantized mode is ``none`` in the API and the JSON ``quantize`` field (its spelling since
+the first release, kept so that scripts reading them keep working); ``float32`` is accepted as
+its other spelling and is the name people read (``QUANTIZATION_NAMES``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from imgclf_cli.dataset import Sample, SplitManifest
 from imgclf_cli.errors import DatasetError, ExportVerificationError, ImgclfError, UsageError
 from imgclf_cli.export_formats import Exporter, directory_size, replace_directory, write_bytes
 from imgclf_cli.export_verification import (
+    QUANTIZATION_NAMES,
     THRESHOLDS,
     ArtifactReport,
     ReferenceReport,
@@ -54,6 +59,7 @@ from imgclf_cli.inference import LABELS_TEXT_FILE, load_keras_predictor
 
 FORMATS = ("tflite", "saved_model", "onnx")
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
+QUANTIZE_SPELLINGS = {"float32": "none"}
 TFLITE_FILES = {
     "none": "model.tflite",
     "dynamic": "model_dynamic.tflite",
@@ -85,13 +91,28 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def checks(self) -> list[ArtifactReport]:
+        """Every artifact, the SavedModel followed by its check on encoded image bytes."""
+        checks: list[ArtifactReport] = []
+        for artifact in self.artifacts:
+            checks.append(artifact)
+            if self.serving_check is not None and artifact.format == "saved_model":
+                checks.append(self.serving_check)
+        return checks
+
+    @property
     def failures(self) -> list[ArtifactReport]:
-        checked = [*self.artifacts, *([self.serving_check] if self.serving_check else [])]
-        return [artifact for artifact in checked if not artifact.passed]
+        return [artifact for artifact in self.checks if not artifact.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` document: ``{"artifacts": [...]}`` with fractions, not percents."""
-        return {"artifacts": [artifact.to_dict() for artifact in self.artifacts]}
+        """The ``--json`` document: ``passed`` (every check; ``None`` with ``verify=False``), the
+        ``artifacts`` and the ``serving_check``, with fractions, not percents."""
+        return {
+            "passed": not self.failures if self.verified else None,
+            "verified": self.verified,
+            "artifacts": [artifact.to_dict() for artifact in self.artifacts],
+            "serving_check": self.serving_check.to_dict() if self.serving_check else None,
+        }
 
     def to_record(self) -> dict[str, Any]:
         """Everything, for ``export.json`` beside the artifacts."""
@@ -101,10 +122,8 @@ class ExportReport:
             "run_dir": self.run_dir,
             "labels": self.labels,
             "image_size": list(self.image_size),
-            "verified": self.verified,
             "num_verify_images": self.num_verify_images,
             "reference": asdict(self.reference) if self.reference else None,
-            "serving_check": self.serving_check.to_dict() if self.serving_check else None,
             "problems": {artifact.path: artifact.problems for artifact in self.failures},
             "thresholds": {mode: asdict(threshold) for mode, threshold in THRESHOLDS.items()},
             "warnings": self.warnings,
@@ -123,15 +142,17 @@ class Plan:
 
 
 def make_plan(formats: Sequence[str], quantize: Sequence[str], int8_io: bool) -> Plan:
-    """Validate the requested formats and modes; ``quantize`` alone implies TFLite."""
+    """Validate the requested formats and modes (``float32`` is read as ``none``); ``quantize``
+    alone implies TFLite."""
     unknown = [name for name in formats if name not in FORMATS and name != "all"]
     if unknown:
         raise UsageError(f"Unknown export format {unknown[0]!r}", f"choose from: {', '.join(FORMATS)}")
+    quantize = [QUANTIZE_SPELLINGS.get(mode, mode) for mode in quantize]
     bad_modes = [mode for mode in quantize if mode not in QUANTIZE_MODES]
     if bad_modes:
         raise UsageError(
             f"Unknown quantization mode {bad_modes[0]!r} for --quantize",
-            f"choose from: {', '.join(QUANTIZE_MODES)}",
+            f"choose from: {', '.join(QUANTIZATION_NAMES[mode] for mode in QUANTIZE_MODES)}",
         )
     chosen = set(FORMATS) if "all" in formats else set(formats)
     if quantize:
@@ -229,8 +250,8 @@ def export_run(
     """Export the best model of ``run`` (id, folder or ``latest``) and verify each artifact.
 
     ``formats``: any of ``tflite``, ``saved_model``, ``onnx`` or ``all``; ``quantize``: the TFLite
-    modes (``none``, ``dynamic``, ``float16``, ``int8``; default ``none``, every mode with
-    ``all``; giving modes implies ``tflite``). ``int8_io`` makes the int8 model's input and
+    modes (``none`` or ``float32``, ``dynamic``, ``float16``, ``int8``; default ``none``, every
+    mode with ``all``; giving modes implies ``tflite``). ``int8_io`` makes the int8 model's input and
     output ``uint8``. Raises ``ExportVerificationError`` (with ``.report``) when an artifact
     misses its ``THRESHOLDS``; the artifacts are written either way.
     """
@@ -329,7 +350,8 @@ def write_artifacts(
         exporter.onnx(path)
         artifacts.append(ArtifactReport("onnx", "none", str(path), path.stat().st_size))
     for mode in plan.modes:
-        progress(f"Converting to TFLite ({mode})" + (" with calibration" if mode == "int8" else ""))
+        name = QUANTIZATION_NAMES[mode]
+        progress(f"Converting to TFLite ({name})" + (" with calibration" if mode == "int8" else ""))
         flatbuffer, conversion_warnings = exporter.tflite(mode, calibration, plan.int8_io)
         warnings.extend(conversion_warnings)
         path = output / (TFLITE_INT8_IO_FILE if mode == "int8" and plan.int8_io else TFLITE_FILES[mode])

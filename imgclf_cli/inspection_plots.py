@@ -6,15 +6,18 @@ Only imported when ``--report`` is given. Images are read, never written, in the
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import math
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
 
 from imgclf_cli import store
 from imgclf_cli.errors import UsageError
-from imgclf_cli.inspection_report import ImageRecord, InspectionReport
+from imgclf_cli.inspection_report import DuplicateGroups, ImageRecord, InspectionReport
 from imgclf_cli.plots import save_figure, thumbnail
 
 REPORT_JSON = "inspection.json"
@@ -25,12 +28,19 @@ NEAR_DUPLICATES_PNG = "near_duplicates.png"
 SAMPLES_PER_CLASS = 6
 MAX_CLASSES_IN_GRID = 30
 MAX_PAIRS = 12
+# Two duplicate groups (four images) a row, each image in a cell of this many inches: twelve
+# groups make a figure about 700 x 1400 pixels, under 1 MB with photographs.
+GROUPS_PER_ROW = 2
+DUPLICATE_CELL_INCHES = 1.25
+DUPLICATE_THUMBNAIL_SIDE = 140
+# With this many different image sizes or fewer, each is labelled with its number of images.
+MAX_LABELLED_SIZES = 8
 
 
 def write_report(report: InspectionReport, output_dir: str | Path) -> list[Path]:
     """Write ``inspection.json`` and the PNG plots to ``output_dir``; return the files written.
 
-    ``near_duplicates.png`` is written only when near duplicates were found. Raises
+    ``near_duplicates.png`` is written only when duplicates (exact or near) were found. Raises
     ``UsageError`` when ``output_dir`` lies inside the dataset (it is never written to).
     """
     output_dir = check_report_dir(output_dir, report.root)
@@ -53,9 +63,9 @@ def write_report(report: InspectionReport, output_dir: str | Path) -> list[Path]
         written.append(output_dir / IMAGE_SIZES_PNG)
         plot_samples(report, output_dir / SAMPLES_PNG)
         written.append(output_dir / SAMPLES_PNG)
-    pairs = near_duplicate_pairs_to_draw(report)
+    pairs, total = duplicate_pairs_to_draw(report)
     if pairs:
-        plot_near_duplicates(report, pairs, output_dir / NEAR_DUPLICATES_PNG)
+        plot_near_duplicates(report, pairs, total, output_dir / NEAR_DUPLICATES_PNG)
         written.append(output_dir / NEAR_DUPLICATES_PNG)
     return written
 
@@ -97,29 +107,73 @@ def plot_class_distribution(report: InspectionReport, path: Path) -> None:
     save_figure(figure, path)
 
 
-def plot_image_sizes(report: InspectionReport, path: Path) -> None:
-    """Width against height of every image, one colour per class."""
+def plot_image_sizes(report: InspectionReport, path: Path) -> Figure:
+    """Width against height of the images, one colour per class, a dot's area by how many share
+    that size; a sentence when every image has the same size (one dot would answer nothing)."""
+    sizes = Counter((image.width, image.height) for image in report.images)
+    (common_width, common_height), common_count = sizes.most_common(1)[0]
+    if len(sizes) == 1:
+        figure, axis = plt.subplots(layout="constrained", figsize=(5, 1.2))
+        axis.axis("off")
+        axis.text(
+            0.5,
+            0.5,
+            f"All {report.num_images} images are {common_width}×{common_height} px (width × height)",
+            ha="center",
+            va="center",
+            fontsize=11,
+        )
+        axis.set_title("Image sizes")
+        save_figure(figure, path)
+        return figure
     figure, axis = plt.subplots(layout="constrained", figsize=(6, 5))
-    by_class: dict[str, list[ImageRecord]] = defaultdict(list)
+    by_class: dict[str, Counter[tuple[int, int]]] = defaultdict(Counter)
     for image in report.images:
-        by_class[image.class_name].append(image)
-    for name, members in by_class.items():
+        by_class[image.class_name][(image.width, image.height)] += 1
+    largest = max(count for counts in by_class.values() for count in counts.values())
+    for name, counts in by_class.items():
+        # Many images share a size: the dot's area grows with their number.
         axis.scatter(
-            [image.width for image in members],
-            [image.height for image in members],
-            s=8,
+            [width for width, _ in counts],
+            [height for _, height in counts],
+            s=[8 + 150 * count / largest for count in counts.values()],
             alpha=0.5,
             label=name if len(by_class) <= 12 else None,
         )
-    if len(by_class) <= 12:
-        axis.legend(markerscale=2, fontsize="small")
-    axis.axvline(report.small_side, color="grey", linestyle=":", linewidth=1)
-    axis.axhline(report.small_side, color="grey", linestyle=":", linewidth=1)
+    if len(sizes) <= MAX_LABELLED_SIZES:
+        for (width, height), count in sizes.items():
+            axis.annotate(
+                f"{width}×{height}: {count}",
+                (width, height),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+            )
+    if report.small_images:
+        # Drawn only when some image is that small: otherwise the lines only stretch the axes.
+        axis.axvline(report.small_side, color="grey", linestyle=":", linewidth=1)
+        axis.axhline(
+            report.small_side,
+            color="grey",
+            linestyle=":",
+            linewidth=1,
+            label=f"{report.small_side} px: below it an image is reported as very small",
+        )
+    if len(by_class) <= 12 or report.small_images:
+        legend = axis.legend(fontsize="small")
+        for handle in legend.legend_handles:
+            if hasattr(handle, "set_sizes"):  # one dot size for every class, whatever their counts
+                handle.set_sizes([30])
+    axis.margins(0.15)
     axis.set_xlabel("width (px)")
     axis.set_ylabel("height (px)")
-    axis.set_title(f"Image sizes ({report.num_images} images)")
+    axis.set_title(
+        f"Image sizes: {report.num_images} images, {len(sizes)} sizes\n"
+        f"most common {common_width}×{common_height} ({common_count} images)"
+    )
     axis.grid(alpha=0.3)
     save_figure(figure, path)
+    return figure
 
 
 def evenly_spaced(items: Sequence[ImageRecord], count: int) -> list[ImageRecord]:
@@ -165,53 +219,128 @@ def plot_samples(report: InspectionReport, path: Path) -> None:
     save_figure(figure, path)
 
 
-def near_duplicate_pairs_to_draw(report: InspectionReport) -> list[tuple[ImageRecord, ImageRecord, int]]:
-    """The closest pair of different contents in each near-duplicate group, worst kind first."""
-    near = report.near_duplicates
-    if near is None:
-        return []
-    record_of = {image.path: image for image in report.images}
-    pairs: list[tuple[ImageRecord, ImageRecord, int]] = []
+@dataclass(frozen=True)
+class DuplicateKind:
+    """What a duplicate group is: byte-identical (``exact``) or near, and across what."""
+
+    exact: bool
+    across: str | None
+    """``"class"`` or ``"split"``: the files lie in different ones; ``None``: within a class."""
+
+    @property
+    def description(self) -> str:
+        what = "same file" if self.exact else "near duplicates"
+        where = {"class": "in two classes", "split": "in two splits"}.get(self.across or "", "within a class")
+        return f"{what} {where}"
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    """Two files of a duplicate group to draw side by side."""
+
+    first: ImageRecord
+    second: ImageRecord
+    distance: int
+    """Perceptual-hash bits apart (0 for byte-identical files)."""
+    kind: DuplicateKind
+
+
+def duplicate_groups_by_severity(report: InspectionReport) -> list[tuple[list[str], DuplicateKind]]:
+    """Every duplicate group once, in the order of the findings' severity: exact copies across
+    classes, across splits (errors), near duplicates across classes, across splits, exact copies
+    within a class, near duplicates within a class."""
+    exact, near = report.duplicates, report.near_duplicates or DuplicateGroups()
+    ordered = [
+        (exact.cross_class, DuplicateKind(exact=True, across="class")),
+        (exact.cross_split, DuplicateKind(exact=True, across="split")),
+        (near.cross_class, DuplicateKind(exact=False, across="class")),
+        (near.cross_split, DuplicateKind(exact=False, across="split")),
+        (exact.within_class, DuplicateKind(exact=True, across=None)),
+        (near.within_class, DuplicateKind(exact=False, across=None)),
+    ]
+    groups: list[tuple[list[str], DuplicateKind]] = []
     seen: set[tuple[str, ...]] = set()
-    for group in near.cross_class + near.cross_split + near.within_class:
-        if tuple(group) in seen:
-            continue
-        seen.add(tuple(group))
-        members = [record_of[path] for path in group if path in record_of]
-        best: tuple[ImageRecord, ImageRecord, int] | None = None
-        for index, first in enumerate(members):
-            for second in members[index + 1 :]:
-                if first.content_hash == second.content_hash:
-                    continue
-                if first.perceptual_hash is None or second.perceptual_hash is None:
-                    continue
-                distance = (first.perceptual_hash ^ second.perceptual_hash).bit_count()
-                if best is None or distance < best[2]:
-                    best = (first, second, distance)
-        if best is not None:
-            pairs.append(best)
+    for kind_groups, kind in ordered:
+        for group in kind_groups:
+            if tuple(group) not in seen:
+                seen.add(tuple(group))
+                groups.append((group, kind))
+    return groups
+
+
+def duplicate_pairs_to_draw(report: InspectionReport) -> tuple[list[DuplicatePair], int]:
+    """The pair that shows each duplicate group best, most severe groups first, at most
+    ``MAX_PAIRS``; and how many groups there are in all."""
+    record_of = {image.path: image for image in report.images}
+    groups = duplicate_groups_by_severity(report)
+    pairs: list[DuplicatePair] = []
+    for paths, kind in groups:
         if len(pairs) >= MAX_PAIRS:
             break
-    return pairs
+        pair = best_pair([record_of[path] for path in paths if path in record_of], kind)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs, len(groups)
+
+
+def best_pair(members: Sequence[ImageRecord], kind: DuplicateKind) -> DuplicatePair | None:
+    """Two members that show the group's problem: in different classes (or splits) when that is
+    the problem, and for near duplicates the closest two different contents."""
+    best: DuplicatePair | None = None
+    for index, first in enumerate(members):
+        for second in members[index + 1 :]:
+            if kind.across == "class" and first.class_name == second.class_name:
+                continue
+            if kind.across == "split" and first.split == second.split:
+                continue
+            if kind.exact:
+                return DuplicatePair(first, second, 0, kind)
+            if first.content_hash == second.content_hash:
+                continue
+            if first.perceptual_hash is None or second.perceptual_hash is None:
+                continue
+            distance = (first.perceptual_hash ^ second.perceptual_hash).bit_count()
+            if best is None or distance < best.distance:
+                best = DuplicatePair(first, second, distance, kind)
+    return best
+
+
+def shorten_path(path: str, limit: int = 34) -> str:
+    """The end of a path (its class folder and file name), which is what a title has room for."""
+    return path if len(path) <= limit else "…" + path[-(limit - 1) :]
 
 
 def plot_near_duplicates(
-    report: InspectionReport, pairs: Sequence[tuple[ImageRecord, ImageRecord, int]], path: Path
-) -> None:
-    """Near-duplicate pairs side by side, with their paths and hash distance."""
+    report: InspectionReport, pairs: Sequence[DuplicatePair], total: int, path: Path
+) -> Figure:
+    """Duplicate pairs side by side, two groups a row, each titled with its kind and distance
+    and each image with its path and size. The figure says how many of ``total`` groups it shows."""
     root = Path(report.root)
-    figure, axes = plt.subplots(
-        len(pairs), 2, layout="constrained", figsize=(6.5, 3.0 * len(pairs)), squeeze=False
+    rows = math.ceil(len(pairs) / GROUPS_PER_ROW)
+    columns = min(len(pairs), GROUPS_PER_ROW)
+    figure = plt.figure(
+        layout="constrained",
+        figsize=(2 * DUPLICATE_CELL_INCHES * columns, (DUPLICATE_CELL_INCHES + 0.55) * rows + 0.5),
     )
-    for row, (first, second, distance) in enumerate(pairs):
-        for column, image in enumerate((first, second)):
-            axis = axes[row][column]
+    cells = figure.subfigures(rows, columns, squeeze=False)
+    for cell in cells.flat[len(pairs) :]:
+        cell.set_visible(False)
+    for cell, pair in zip(cells.flat, pairs, strict=False):  # the last row may have an empty cell
+        apart = "identical bytes" if pair.kind.exact else f"{pair.distance} bits apart"
+        cell.suptitle(f"{pair.kind.description}, {apart}", fontsize=8)
+        for axis, image in zip(cell.subplots(1, 2), (pair.first, pair.second), strict=True):
             axis.set_xticks([])
             axis.set_yticks([])
-            picture = thumbnail(root / image.path)
+            picture = thumbnail(root / image.path, DUPLICATE_THUMBNAIL_SIDE)
             if picture is not None:
                 axis.imshow(picture)
-            axis.set_title(f"{image.path}\n{image.width}x{image.height}", fontsize=7)
-        axes[row][0].set_ylabel(f"{distance} bits apart", fontsize=8)
-    figure.suptitle(f"Near duplicates (perceptual hash within {report.hash_distance} bits)")
+            axis.set_title(f"{shorten_path(image.path)}\n{image.width}×{image.height}", fontsize=6)
+    shown = f"{len(pairs)} of {total} groups shown" if total > len(pairs) else f"all {total} groups shown"
+    searched = (
+        f"near duplicates: perceptual hash within {report.hash_distance} bits"
+        if report.near_duplicates is not None
+        else "exact copies only (the near-duplicate search was off)"
+    )
+    figure.suptitle(f"Duplicates, most severe first ({shown})\n{searched}", fontsize=10)
     save_figure(figure, path)
+    return figure

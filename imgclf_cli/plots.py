@@ -54,16 +54,40 @@ def thumbnail(path: str | Path, size: int = THUMBNAIL_SIDE) -> Image.Image | Non
         return None
 
 
-def plot_training_curves(history: Sequence[dict[str, float]], path: Path) -> None:
-    """Loss and accuracy per epoch, training and validation side by side."""
+def plot_training_curves(
+    history: Sequence[dict[str, float]], path: Path, best_epoch: int | None = None
+) -> plt.Figure:
+    """Loss and accuracy per epoch, training and validation side by side, with the epoch whose
+    model was kept (``best_epoch``; by default the one training picks: highest validation
+    accuracy, then lowest validation loss) marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    if best_epoch is None and history:
+        from imgclf_cli.training_callbacks import TrainingState
+
+        best_epoch = TrainingState.from_history(list(history)).best_epoch
     epochs = [int(row["epoch"]) for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric, title in ((loss_axis, "loss", "Loss"), (accuracy_axis, "accuracy", "Accuracy")):
         axis.plot(epochs, [row.get(metric) for row in history], marker="o", label="train")
-        axis.plot(epochs, [row.get(f"val_{metric}") for row in history], marker="o", label="validation")
+        validation = [row.get(f"val_{metric}") for row in history]
+        axis.plot(epochs, validation, marker="o", label="validation")
+        if best_epoch in epochs:
+            axis.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1)
+            axis.plot(
+                [best_epoch],
+                [validation[epochs.index(best_epoch)]],
+                marker="*",
+                markersize=14,
+                color="tab:green",
+                linestyle="none",
+                label=f"best epoch ({best_epoch}): best.keras",
+            )
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle("Training curves")
+    figure.suptitle("Training curves" + (f" (best epoch {best_epoch})" if best_epoch in epochs else ""))
     save_figure(figure, path)
+    return figure

@@ -48,6 +48,15 @@ class ClassProbability:
         return {"label": self.label, "probability": self.probability}
 
 
+@dataclass(frozen=True)
+class FoundImage:
+    """A file to predict, and the folder argument it was found in (``None``: named by a file
+    argument or matched by a pattern)."""
+
+    path: str
+    folder: str | None = None
+
+
 @dataclass
 class PredictionResult:
     """The prediction for one file, or why it could not be made (``error``)."""
@@ -57,10 +66,18 @@ class PredictionResult:
     confidence: float | None = None
     top_k: list[ClassProbability] = field(default_factory=list)
     error: str | None = None
+    folder: str | None = None
+    """The folder argument ``path`` was found in; ``None`` for file arguments and patterns."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def display_path(self) -> str:
+        """``path`` relative to the folder argument it was found in, else as it was given: inside
+        a folder, only the part below it tells the files apart."""
+        return self.path if self.folder is None else os.path.relpath(self.path, self.folder)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,28 +164,29 @@ def images_in_folder(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def collect_paths(inputs: Sequence[str | Path]) -> list[str | PredictionResult]:
+def collect_paths(inputs: Sequence[str | Path]) -> list[FoundImage | PredictionResult]:
     """Expand files, folders (recursively) and glob patterns into image paths, in input order.
 
     Each path appears once; an input that matches nothing appears as a result with an
     ``error``. A file named explicitly is always kept (to be predicted or reported); files
-    found in folders or by patterns are kept when they are images.
+    found in folders or by patterns are kept when they are images. Files found in a folder
+    argument carry it as their ``folder``.
     """
-    entries: list[str | PredictionResult] = []
+    entries: list[FoundImage | PredictionResult] = []
     seen: set[str] = set()
 
-    def add(path: Path) -> None:
+    def add(path: Path, folder: str | None = None) -> None:
         key = os.path.normcase(os.path.abspath(path))
         if key not in seen:
             seen.add(key)
-            entries.append(str(path))
+            entries.append(FoundImage(str(path), folder))
 
     for item in inputs:
         text = os.path.expanduser(str(item))
         path = Path(text)
         if path.is_dir():
             for found in images_in_folder(path):
-                add(found)
+                add(found, text)
         elif path.is_file():
             add(path)
         elif is_glob(text):
@@ -310,7 +328,7 @@ def predict(
             "Both a model and a run were given", "pass either --model FILE or --run RUN, not both"
         )
     entries = collect_paths(paths)
-    found = [entry for entry in entries if isinstance(entry, str)]
+    found = [entry.path for entry in entries if isinstance(entry, FoundImage)]
     if not found:
         for entry in entries:
             if isinstance(entry, PredictionResult) and on_unreadable:
@@ -341,6 +359,9 @@ def predict(
     predict_seconds = time.perf_counter() - started
     by_path = iter(predicted)
     results = [entry if isinstance(entry, PredictionResult) else next(by_path) for entry in entries]
+    for entry, result in zip(entries, results, strict=True):
+        if isinstance(entry, FoundImage):
+            result.folder = entry.folder
     return PredictionReport(
         results=results,
         labels=list(predictor.labels),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from imgclf_cli.cli.app import app
@@ -286,3 +287,72 @@ def test_labels_that_do_not_match_the_model_are_an_error(run_copy: dict[str, Pat
     assert result.exit_code == 1
     assert "predicts 3 classes" in result.stderr and "lists 4" in result.stderr
     assert "Traceback" not in result.output
+
+
+# --- the plots --------------------------------------------------------------------------------
+
+
+def test_misclassified_gallery_confidence_has_enough_digits_to_rank(
+    image_folders: Path, tmp_path: Path
+) -> None:
+    from imgclf_cli.evaluation import Misclassified
+    from imgclf_cli.evaluation_plots import plot_misclassified_gallery
+
+    paths = sorted(str(path) for path in (image_folders / "red").iterdir())
+    entries = [
+        Misclassified(paths[0], "red", "blue", 0.5011),
+        Misclassified(paths[1], "red", "green", 0.5004),
+    ]
+    figure = plot_misclassified_gallery(entries, tmp_path / "misclassified.png", total=7)
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert "predicted: blue (50.1%)" in titles[0] and "predicted: green (50.0%)" in titles[1]
+    assert figure.get_suptitle() == "Most confidently wrong images (2 of 7)"
+    assert (tmp_path / "misclassified.png").stat().st_size > 0
+
+
+def test_reliability_diagram_starts_at_one_over_the_number_of_classes(tmp_path: Path) -> None:
+    from imgclf_cli.evaluation_plots import plot_reliability_diagram
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet([1.0, 1.0, 1.0], size=200)
+    ece, bins = expected_calibration_error(rng.integers(0, 3, 200), probabilities)
+    figure = plot_reliability_diagram(bins, ece, tmp_path / "reliability.png", num_classes=3)
+    axis, counts_axis = figure.axes
+    assert axis.get_xlim() == pytest.approx((1 / 3, 1.0))
+    assert "at least 1/3 with 3 classes" in counts_axis.get_xlabel()
+    unknown = plot_reliability_diagram(bins, ece, tmp_path / "reliability.png")
+    assert unknown.axes[0].get_xlim() == pytest.approx((0.0, 1.0))
+
+
+def test_training_curves_have_whole_epochs_and_mark_the_best(tmp_path: Path) -> None:
+    from imgclf_cli.plots import plot_training_curves
+
+    # Best = highest validation accuracy (epoch 3), not lowest validation loss (epoch 4).
+    history = [
+        {
+            "epoch": epoch,
+            "loss": 1.0 / epoch,
+            "accuracy": 0.5,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+        }
+        for epoch, val_loss, val_accuracy in [
+            (1, 0.9, 0.5),
+            (2, 0.8, 0.6),
+            (3, 0.7, 0.8),
+            (4, 0.6, 0.7),
+            (5, 0.65, 0.7),
+        ]
+    ]
+    figure = plot_training_curves(history, tmp_path / "training_curves.png")
+    assert figure.get_suptitle() == "Training curves (best epoch 3)"
+    for axis in figure.axes:
+        ticks = [tick for tick in axis.get_xticks() if 1 <= tick <= 5]
+        assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+        best = [line for line in axis.get_lines() if line.get_label().startswith("best epoch")]
+        assert [line.get_label() for line in best] == ["best epoch (3): best.keras"]
+        assert list(best[0].get_xdata()) == [3]
+    with Image.open(tmp_path / "training_curves.png") as image:
+        assert image.size[0] > image.size[1] > 300
+    chosen = plot_training_curves(history, tmp_path / "training_curves.png", best_epoch=4)
+    assert chosen.get_suptitle() == "Training curves (best epoch 4)"

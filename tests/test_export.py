@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from imgclf_cli.images import load_image
 ARTIFACT_KEYS = {
     "format",
     "quantize",
+    "quantization",
     "path",
     "size_bytes",
     "agreement",
@@ -32,6 +34,8 @@ ARTIFACT_KEYS = {
     "accuracy",
     "accuracy_delta",
     "latency_ms",
+    "passed",
+    "threshold",
 }
 EVERY_ARTIFACT = {
     ("saved_model", "none"),
@@ -96,8 +100,13 @@ def exported(trained_run: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def test_export_all_writes_every_format_and_mode_with_verification_numbers(exported: dict[str, Any]) -> None:
+    from imgclf_cli.export_verification import SERVING_BYTES_THRESHOLD, THRESHOLDS
+
     document = exported["document"]
-    assert set(document) == {"artifacts"}
+    assert set(document) == {"passed", "verified", "artifacts", "serving_check"}
+    assert document["passed"] is True and document["verified"] is True
+    assert document["serving_check"]["passed"] is True
+    assert document["serving_check"]["threshold"] == asdict(SERVING_BYTES_THRESHOLD)
     artifacts = document["artifacts"]
     assert {(artifact["format"], artifact["quantize"]) for artifact in artifacts} == EVERY_ARTIFACT
     assert len(artifacts) == len(EVERY_ARTIFACT)
@@ -111,8 +120,13 @@ def test_export_all_writes_every_format_and_mode_with_verification_numbers(expor
         assert abs(artifact["accuracy_delta"]) <= 0.02
         assert 0.0 <= artifact["max_abs_diff"] < 0.1
         assert artifact["latency_ms"] > 0
+        assert artifact["passed"] is True
+        assert artifact["threshold"] == asdict(THRESHOLDS[artifact["quantize"]])
         if artifact["quantize"] == "none":
+            assert artifact["quantization"] == "float32"
             assert artifact["max_abs_diff"] < 1e-3, artifact
+        else:
+            assert artifact["quantization"] == artifact["quantize"]
     sizes = {
         artifact["quantize"]: artifact["size_bytes"]
         for artifact in artifacts
@@ -338,12 +352,21 @@ def test_export_tflite_alone_writes_into_the_runs_export_folder(
     assert (run_copy / "export" / "model.tflite").is_file()
     assert (run_copy / "export" / "labels.txt").is_file()
     assert "model.tflite" in result.stdout and "best.keras (ref)" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith(" model.tflite"))
+    assert row.rstrip().endswith(" passed")
+    assert "Threshold for float32 (model.tflite): agree ≥ 99.5%, max Δp ≤ 0.01." in result.stderr
     assert "Every artifact passed its check." in result.stderr
+    # The legend explains only what the table shows: here no SavedModel, so no (bytes) row.
+    assert "(bytes)" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
     ("arguments", "file_name", "quantize"),
-    [([], "model.tflite", "none"), (["--quantize", "int8"], "model_int8.tflite", "int8")],
+    [
+        ([], "model.tflite", "none"),
+        (["--quantize", "float32"], "model.tflite", "none"),
+        (["--quantize", "int8"], "model_int8.tflite", "int8"),
+    ],
 )
 def test_export_tflite_command_writes_and_verifies_the_tflite_model(
     trained_run: dict[str, Path], tmp_path: Path, arguments: list[str], file_name: str, quantize: str
@@ -410,14 +433,40 @@ def test_artifact_missing_its_threshold_exits_1_naming_it(
     )
     result = invoke("--run", str(trained_run["run_dir"]), "--onnx", "--output", str(tmp_path), "--json")
     assert result.exit_code == 1, result.output
-    (artifact,) = json.loads(result.stdout)["artifacts"]  # the report is still printed, on stdout
+    document = json.loads(result.stdout)  # the report is still printed, on stdout
+    (artifact,) = document["artifacts"]
+    assert document["passed"] is False and artifact["passed"] is False
+    assert artifact["threshold"]["min_agreement"] == 1.01
     assert artifact["agreement"] == 1.0
     assert (
-        "Error: 1 exported artifact does not match the trained model: model.onnx (onnx none)" in result.stderr
+        "Error: 1 exported artifact does not match the trained model: model.onnx (onnx float32)"
+        in result.stderr
     )
     assert "needs 101.0%" in result.stderr
     assert (tmp_path / "model.onnx").is_file()
     assert json.loads((tmp_path / "export.json").read_text())["problems"]
+
+
+def test_failed_row_says_so_with_its_threshold(
+    trained_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without colours too: a status word per row, and the threshold each row was held to."""
+    from imgclf_cli import export_verification
+
+    monkeypatch.setitem(
+        export_verification.THRESHOLDS, "float16", export_verification.Threshold(min_agreement=1.01)
+    )
+    run = str(trained_run["run_dir"])
+    result = invoke("--run", run, "--onnx", "--quantize", "float16", "--output", str(tmp_path))
+    assert result.exit_code == 1, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(" model")}
+    assert rows["model.onnx"].rstrip().endswith(" passed")
+    assert rows["model_float16.tflite"].rstrip().endswith(" FAILED")
+    assert max(len(line) for line in result.stdout.splitlines()[2:]) <= 80
+    assert "Threshold for float32 (model.onnx): agree ≥ 99.5%, max Δp ≤ 0.01." in result.stderr
+    assert "Threshold for float16 (model_float16.tflite): agree ≥ 101.0%." in result.stderr
+    assert "Every artifact passed" not in result.stderr
+    assert "does not match the trained model: model_float16.tflite (tflite float16)" in result.stderr
 
 
 def test_no_verify_reports_sizes_only(trained_run: dict[str, Path], tmp_path: Path) -> None:
@@ -425,9 +474,20 @@ def test_no_verify_reports_sizes_only(trained_run: dict[str, Path], tmp_path: Pa
         "--run", str(trained_run["run_dir"]), "--onnx", "--no-verify", "--output", str(tmp_path), "--json"
     )
     assert result.exit_code == 0, result.output
-    (artifact,) = json.loads(result.stdout)["artifacts"]
+    document = json.loads(result.stdout)
+    (artifact,) = document["artifacts"]
     assert artifact["size_bytes"] > 0
     assert artifact["agreement"] is None and artifact["accuracy"] is None and artifact["latency_ms"] is None
+    # Nothing was checked: neither passed nor failed.
+    assert document["passed"] is None and document["verified"] is False
+    assert artifact["passed"] is None and artifact["threshold"] is None
+
+    table = invoke("--run", str(trained_run["run_dir"]), "--onnx", "--no-verify", "--output", str(tmp_path))
+    assert table.exit_code == 0, table.output
+    header = next(line for line in table.stdout.splitlines() if "artifact" in line)
+    assert header.split() == ["artifact", "size"]  # no columns of dashes
+    assert "Not verified (--no-verify): sizes only." in table.stderr
+    assert "agree =" not in table.stderr and "Threshold" not in table.stderr
 
 
 @pytest.mark.parametrize(
@@ -436,6 +496,9 @@ def test_no_verify_reports_sizes_only(trained_run: dict[str, Path], tmp_path: Pa
         ([], "Nothing to export"),
         (["--tflite", "--int8-io"], "--int8-io applies to the int8 TFLite model only"),
         (["--quantize", "int4"], "Invalid value for '--quantize'"),
+        # Both spellings of the unquantized mode parse (and then meet the --int8-io check).
+        (["--quantize", "float32", "--int8-io"], "--int8-io applies to the int8 TFLite model only"),
+        (["--quantize", "none", "--int8-io"], "--int8-io applies to the int8 TFLite model only"),
     ],
 )
 def test_usage_errors_exit_2(trained_run: dict[str, Path], arguments: list[str], message: str) -> None:

@@ -344,3 +344,87 @@ def test_library_call_reports_progress(tmp_path: Path) -> None:
     report = inspect_dataset(root, on_progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, 6) and calls[-1] == (6, 6)
     assert report.num_images == 6 and not report.has_errors
+
+
+# --- the report's plots -----------------------------------------------------------------------
+
+
+def random_scene(rng: np.random.Generator, size: int = 128, grain: int = 15) -> Image.Image:
+    """A smooth picture with a photograph's grain: far (in perceptual hash) from any other one."""
+    grid = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), "RGB")
+    pixels = np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC)).astype(int)
+    pixels += rng.integers(-grain, grain, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def many_duplicates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 duplicate groups: 20 near duplicates within class a (first in the file tree), then 4
+    byte-identical images in classes b and c (the report's errors)."""
+    root = tmp_path_factory.mktemp("duplicates") / "data"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+    for index in range(20):
+        scene = random_scene(rng)
+        scene.save(root / "a" / f"burst_{index:02d}.png")
+        (root / "a" / f"burst_{index:02d}_small.jpg").write_bytes(save_jpeg_bytes(scene.resize((100, 100))))
+    for index in range(4):
+        random_scene(rng).save(root / "b" / f"shared_{index}.png")
+        (root / "c" / f"shared_{index}.png").write_bytes((root / "b" / f"shared_{index}.png").read_bytes())
+    return root
+
+
+def test_near_duplicates_plot_shows_the_worst_groups_first_and_says_how_many(
+    many_duplicates: Path, tmp_path: Path
+) -> None:
+    from imgclf_cli.inspection_plots import duplicate_pairs_to_draw, plot_near_duplicates
+
+    report = inspect_dataset(many_duplicates)
+    assert len(report.duplicates.cross_class) == 4 and len(report.near_duplicates.within_class) == 20
+    pairs, total = duplicate_pairs_to_draw(report)
+    assert (len(pairs), total) == (12, 24)
+    # The byte-identical images filed under both classes (errors) come before the near duplicates.
+    assert [pair.kind.description for pair in pairs[:4]] == ["same file in two classes"] * 4
+    assert all(pair.first.class_name != pair.second.class_name for pair in pairs[:4])
+    assert {pair.kind.description for pair in pairs[4:]} == {"near duplicates within a class"}
+
+    figure = plot_near_duplicates(report, pairs, total, tmp_path / "near_duplicates.png")
+    assert "12 of 24 groups shown" in figure.get_suptitle()
+    cell_titles = [cell.get_suptitle() for cell in figure.subfigs]
+    assert cell_titles[0] == "same file in two classes, identical bytes"
+    assert cell_titles[4].startswith("near duplicates within a class, ") and "bits apart" in cell_titles[4]
+    with Image.open(tmp_path / "near_duplicates.png") as image:
+        width, height = image.size
+    assert height <= 2000 and width <= 1000, (width, height)
+    assert (tmp_path / "near_duplicates.png").stat().st_size < 1_000_000
+
+
+def test_image_sizes_plot_of_one_size_says_so(tmp_path: Path) -> None:
+    from imgclf_cli.inspection_plots import plot_image_sizes
+
+    report = inspect_dataset(make_class_folders(tmp_path / "data", per_class=4))
+    figure = plot_image_sizes(report, tmp_path / "image_sizes.png")
+    (axis,) = figure.axes
+    assert [text.get_text() for text in axis.texts] == ["All 12 images are 40×48 px (width × height)"]
+    assert not axis.collections and not axis.lines  # no scatter of one dot, no unexplained lines
+    with Image.open(tmp_path / "image_sizes.png") as image:
+        assert image.height < image.width / 2
+
+
+def test_image_sizes_plot_counts_each_size_and_labels_the_small_side(
+    defective_dataset: Path, many_duplicates: Path, tmp_path: Path
+) -> None:
+    from imgclf_cli.inspection_plots import plot_image_sizes
+
+    with_small = plot_image_sizes(inspect_dataset(defective_dataset), tmp_path / "small.png")
+    (axis,) = with_small.axes
+    assert len(axis.lines) == 2  # the small-side lines, drawn because an 8x8 image is there
+    legend = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert "32 px: below it an image is reported as very small" in legend
+
+    without_small = plot_image_sizes(inspect_dataset(many_duplicates), tmp_path / "two_sizes.png")
+    (axis,) = without_small.axes
+    assert not axis.lines
+    assert axis.get_title() == "Image sizes: 48 images, 2 sizes\nmost common 128×128 (28 images)"
+    assert sorted(text.get_text() for text in axis.texts) == ["100×100: 20", "128×128: 28"]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from imgclf_cli.cli.app import app
-from imgclf_cli.prediction import collect_paths
+from imgclf_cli.console import shorten_from_left
+from imgclf_cli.prediction import FoundImage, collect_paths
 
 from conftest import CLASS_COLOURS, make_class_folders
 
@@ -51,7 +55,7 @@ def predict_json(*args: str) -> tuple[object, list[dict]]:
 def test_collect_paths_recursive_hidden_globs_and_duplicates(images: Path) -> None:
     pattern = str(images / "blue" / "*.png")
     entries = collect_paths([images / "green", images / "red", pattern, images / "red" / "red_000.png"])
-    paths = [Path(entry) for entry in entries if isinstance(entry, str)]
+    paths = [Path(entry.path) for entry in entries if isinstance(entry, FoundImage)]
     names = [path.name for path in paths]
     assert names == [
         "green_000.png", "green_001.png",
@@ -60,7 +64,11 @@ def test_collect_paths_recursive_hidden_globs_and_duplicates(images: Path) -> No
     ]  # fmt: skip
     assert ".hidden.png" not in names and "notes.txt" not in names
     assert len(set(paths)) == len(paths)
-    assert "blue_noext" in [Path(str(entry)).name for entry in collect_paths([images / "blue"])]
+    # Found in a folder argument: the folder is kept to show paths relative to it; by a pattern: not.
+    assert [entry.folder for entry in entries[:2]] == [str(images / "green")] * 2  # type: ignore[union-attr]
+    assert {entry.folder for entry in entries[5:]} == {None}  # type: ignore[union-attr]
+    found = collect_paths([images / "blue"])
+    assert "blue_noext" in [Path(entry.path).name for entry in found]  # type: ignore[union-attr]
     missing = collect_paths([images / "absent.png", str(images / "*.nothing")])
     assert [(entry.path, entry.error) for entry in missing] == [  # type: ignore[union-attr]
         (str(images / "absent.png"), "file not found"),
@@ -108,11 +116,80 @@ def test_default_table_output(trained_run: dict[str, Path], images: Path) -> Non
     assert result.exit_code == 0, result.output
     for name in ("red_000.png", "red_001.png", "red_nested.png", "blue_000b.png"):
         assert name in result.stdout
-    header = result.stdout.splitlines()[1]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Images in {images / 'red'}"
+    header = lines[2]
     assert all(column in header for column in ("path", "label", "confidence", "top 3"))
+    # Inside the folder argument, paths are relative to it; a file argument is shown as given.
+    assert any(line.startswith("│ more/deeper/red_nested.png ") for line in lines)
+    assert any(line.startswith(f"│ {broken} ") for line in lines)
     assert "error:" in result.stdout
     assert "Predicted 3 of 4 images" in result.stderr
     assert "Predicted" not in result.stdout
+
+
+LONG_FOLDERS = ("a_folder_name_long_enough_to_need_shortening", "and_another_one_below_it") * 3
+
+
+@pytest.fixture
+def deep_image(images: Path) -> Iterator[Path]:
+    """An image whose path relative to ``images`` is longer than any test terminal (200 columns)."""
+    folder = images.joinpath(*LONG_FOLDERS)
+    folder.mkdir(parents=True)
+    target = folder / "deep_file_name_kept_visible.png"
+    target.write_bytes((images / "red" / "red_000.png").read_bytes())
+    yield target
+    target.unlink()
+    for parent in [folder, *folder.parents][: len(LONG_FOLDERS)]:
+        parent.rmdir()
+
+
+def test_piped_table_is_never_shortened(trained_run: dict[str, Path], images: Path, deep_image: Path) -> None:
+    relative = deep_image.relative_to(images).as_posix()
+    assert len(relative) > 200
+    result = invoke(str(images), "--model", str(trained_run["run_dir"]), "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    assert f"│ {relative} │" in result.stdout
+    assert "…" not in result.stdout
+    assert str(images / "red") not in result.stdout  # only the heading names the folder
+
+
+def test_terminal_table_shortens_paths_from_the_left(
+    trained_run: dict[str, Path], images: Path, deep_image: Path
+) -> None:
+    """An 80-column terminal (Rich honours TTY_COMPATIBLE) keeps the end of every path."""
+    environment = {**os.environ, "COLUMNS": "80", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "imgclf_cli", "predict", str(images), "--top-k", "2"]
+        + ["--model", str(trained_run["run_dir"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
+    assert completed.returncode == 0, completed.stderr
+    stdout = re.sub(r"\x1b\[[0-9;]*m", "", completed.stdout)  # NO_COLOR leaves bold headers
+    lines = stdout.splitlines()
+    assert lines[0] == f"Images in {images}"
+    assert max(len(line) for line in lines[1:]) <= 80, stdout
+    assert "│ …/deep_file_name_kept_visible.png │" in stdout
+    assert re.search(r"│ red/more/deeper/red_nested\.png +│", stdout)
+    for name in ("blue/blue_000.png", "green/green_001.png", "red/red_000.png"):
+        assert f"│ {name} " in stdout
+
+
+@pytest.mark.parametrize(
+    ("width", "expected"),
+    [
+        (40, "a/b/rose/9633056561_6d.jpg"),
+        (25, "…/rose/9633056561_6d.jpg"),
+        (22, "…/9633056561_6d.jpg"),
+        (12, "…6561_6d.jpg"),  # not even the file name fits: its end is kept
+    ],
+)
+def test_shorten_from_left_drops_folders_before_the_file_name(width: int, expected: str) -> None:
+    shortened = shorten_from_left("a/b/rose/9633056561_6d.jpg", width)
+    assert shortened == expected and len(shortened) <= width
 
 
 def test_csv_output_has_stable_columns(trained_run: dict[str, Path], images: Path) -> None:

@@ -15,12 +15,13 @@ from imgclf_cli.console import err, format_cell, make_table, out, print_json, st
 from imgclf_cli.errors import ExportVerificationError
 
 if TYPE_CHECKING:
-    from imgclf_cli.export_verification import ArtifactReport
+    from imgclf_cli.export_verification import ArtifactReport, Threshold
     from imgclf_cli.exporting import ExportReport
 
 
 class Quantize(str, Enum):
-    none = "none"
+    float32 = "float32"
+    none = "none"  # the first spelling of float32, still accepted
     dynamic = "dynamic"
     float16 = "float16"
     int8 = "int8"
@@ -32,11 +33,12 @@ QuantizeOption = Annotated[
     typer.Option(
         "--quantize",
         "-q",
-        help="TFLite quantization (repeatable; implies TFLite): none = float32, dynamic = int8 weights, "
-        "float16 = float16 weights, int8 = integer model calibrated on training images.",
-        show_default="none",
+        help="TFLite quantization (repeatable; implies TFLite): float32 = not quantized (also spelled none), "
+        "dynamic = int8 weights, float16 = float16 weights, "
+        "int8 = integer model calibrated on training images.",
+        show_default="float32",
         case_sensitive=False,
-        metavar="none|dynamic|float16|int8",
+        metavar="float32|dynamic|float16|int8",
     ),
 ]
 SavedModelOption = Annotated[
@@ -180,31 +182,29 @@ def render(report: ExportReport, json_output: bool) -> None:
         print_json(report.to_dict())
         return
     out.print(report_table(report))
-    if not report.verified:
-        err.print("Not verified (--no-verify).", highlight=False)
-        return
-    err.print(
-        f"Verified on {report.num_verify_images} validation image(s): "
-        "agree = same top-1 class as the Keras model; Δ acc in points; ms/img = one image per call; "
-        "(bytes) = serving_default on the encoded files.",
-        highlight=False,
-    )
-    if not report.failures:
-        err.print("Every artifact passed its check.", highlight=False)
+    for line in legend(report):
+        err.print(line, highlight=False, markup=False)
+
+
+VERIFICATION_COLUMNS = ["agree", "max Δp", "accuracy", "Δ acc", "ms/img"]
 
 
 def report_table(report: ExportReport) -> Any:
-    """One row per artifact; rows that miss their threshold in red (the reasons follow as the error)."""
+    """One row per artifact with its status (passed, FAILED) and, when verified, its numbers;
+    a failed row is also red. The thresholds are in the legend."""
     output = Path(report.output_dir)
+    verified = report.verified
+    columns = ["artifact", "size", *(VERIFICATION_COLUMNS + ["status"] if verified else [])]
     table = make_table(
-        ["artifact", "size", "agree", "max Δp", "accuracy", "Δ acc", "ms/img"],
+        columns,
         [],
         title=f"Run {report.run_id} exported to {output}",
-        numeric=["size", "agree", "max Δp", "accuracy", "Δ acc", "ms/img"],
+        numeric=["size", *VERIFICATION_COLUMNS],
     )
-    # Borderless columns: the table fits an 80-column terminal.
+    # Borderless columns, one space of padding: the table fits an 80-column terminal.
     table.box = box.SIMPLE_HEAD
     table.pad_edge = False
+    table.padding = (0, 1, 0, 0)
     if report.reference is not None:
         reference = report.reference
         cells = [
@@ -215,20 +215,61 @@ def report_table(report: ExportReport) -> Any:
             percent(reference.accuracy),
             "-",
             milliseconds(reference.latency_ms),
+            "-",
         ]
         table.add_row(*cells, style="dim")
-    artifacts = list(report.artifacts)
-    if report.serving_check is not None:
-        position = (
-            next(index for index, artifact in enumerate(artifacts) if artifact.format == "saved_model") + 1
-        )
-        artifacts.insert(position, report.serving_check)
-    for artifact in artifacts:
-        table.add_row(
-            *(format_cell(cell) for cell in artifact_row(artifact, output)),
-            style=None if artifact.passed else "bold red",
-        )
+    for artifact in report.checks:
+        cells = [artifact_label(artifact, output), human_size(artifact.size_bytes)]
+        if verified:
+            cells += [*verification_cells(artifact), status_cell(artifact)]
+        table.add_row(*(format_cell(cell) for cell in cells), style=None if artifact.passed else "bold red")
     return table
+
+
+def status_cell(artifact: ArtifactReport) -> str:
+    """A word, so that the status survives a terminal without colours."""
+    return "[green]passed[/green]" if artifact.passed else "FAILED"
+
+
+def legend(report: ExportReport) -> list[str]:
+    """What the rows and columns shown mean, and the threshold each row was held to."""
+    if not report.verified:
+        return ["Not verified (--no-verify): sizes only."]
+    output = Path(report.output_dir)
+    rows = "; (bytes) = serving_default on the encoded image files" if report.serving_check else ""
+    lines = [
+        f"Verified on {report.num_verify_images} validation image(s) against the Keras model (ref): "
+        "agree = same top-1 class; max Δp = largest difference of a class probability; "
+        f"Δ acc = accuracy change in points; ms/img = one image per call{rows}."
+    ]
+    held_to: dict[str, list[ArtifactReport]] = {}
+    for artifact in report.checks:
+        held_to.setdefault(threshold_kind(artifact), []).append(artifact)
+    for kind, artifacts in held_to.items():
+        threshold = artifacts[0].threshold
+        names = ", ".join(artifact_label(artifact, output) for artifact in artifacts)
+        lines.append(f"Threshold for {kind} ({names}): {describe_threshold(threshold)}.")
+    if not report.failures:  # otherwise the error that follows says what failed, and why
+        lines.append("Every artifact passed its check.")
+    return lines
+
+
+def threshold_kind(artifact: ArtifactReport) -> str:
+    return "image bytes" if artifact.note else artifact.quantization
+
+
+def describe_threshold(threshold: Threshold | None) -> str:
+    """The limits in the table's own column names: ``agree ≥ 99.5%, max Δp ≤ 0.01``."""
+    if threshold is None:
+        return "not checked"
+    limits = []
+    if threshold.min_agreement is not None:
+        limits.append(f"agree ≥ {threshold.min_agreement:.1%}")
+    if threshold.max_abs_diff is not None:
+        limits.append(f"max Δp ≤ {threshold.max_abs_diff:g}")
+    if threshold.max_accuracy_drop is not None:
+        limits.append(f"Δ acc ≥ {-threshold.max_accuracy_drop * 100:.1f}")
+    return ", ".join(limits) or "no limit"
 
 
 def artifact_label(artifact: ArtifactReport, output: Path) -> str:
@@ -238,10 +279,8 @@ def artifact_label(artifact: ArtifactReport, output: Path) -> str:
     return f"{name} (bytes)" if artifact.note else name
 
 
-def artifact_row(artifact: ArtifactReport, output: Path) -> list[Any]:
+def verification_cells(artifact: ArtifactReport) -> list[Any]:
     return [
-        artifact_label(artifact, output),
-        human_size(artifact.size_bytes),
         percent(artifact.agreement),
         None if artifact.max_abs_diff is None else f"{artifact.max_abs_diff:.4f}",
         percent(artifact.accuracy),

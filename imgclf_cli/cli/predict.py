@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from enum import Enum
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,13 +17,26 @@ from rich.console import Console
 from rich.markup import escape
 
 from imgclf_cli.cli.options import RunsDirOption
-from imgclf_cli.console import err, make_table, out, progress_callbacks, warn
+from imgclf_cli.console import (
+    PathCell,
+    err,
+    fit_path_column,
+    format_cell,
+    make_table,
+    out,
+    progress_callbacks,
+    warn,
+)
 from imgclf_cli.errors import DatasetError
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from imgclf_cli.prediction import PredictionReport
+    from imgclf_cli.prediction import PredictionReport, PredictionResult
+
+
+# Tables written to a file or a pipe are never shortened: a width no table reaches.
+UNLIMITED_WIDTH = 100_000
 
 
 class OutputFormat(str, Enum):
@@ -125,8 +139,8 @@ def predict_command(
         atomic_write_text(output, render(report, chosen))
         written = f"Wrote {len(report.results)} results ({chosen.value}) to {escape(str(output))}"
         err.print(written, highlight=False)
-    elif chosen is OutputFormat.table:
-        out.print(results_table(report))
+    elif chosen is OutputFormat.table and out.is_terminal:
+        print_tables(out, report)  # fitted to the terminal: long paths lose their start
     else:
         typer.echo(render(report, chosen), nl=False)
     err.print(
@@ -149,6 +163,7 @@ def resolve_format(chosen: OutputFormat | None, output: Path | None) -> OutputFo
 
 
 def render(report: PredictionReport, chosen: OutputFormat) -> str:
+    """The results as text, for a file or a pipe: tables at full width (never shortened)."""
     if chosen is OutputFormat.json:
         import json
 
@@ -156,16 +171,28 @@ def render(report: PredictionReport, chosen: OutputFormat) -> str:
     if chosen is OutputFormat.csv:
         return report.to_csv()
     buffer = io.StringIO()
-    Console(file=buffer, width=1000, color_system=None, soft_wrap=False).print(results_table(report))
+    print_tables(Console(file=buffer, width=UNLIMITED_WIDTH, color_system=None, soft_wrap=False), report)
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
 
 
-def results_table(report: PredictionReport) -> Table:
-    rows = []
-    for result in report.results:
+def print_tables(console: Console, report: PredictionReport) -> None:
+    """One table per folder argument, under a line naming it, its paths relative to it; the
+    files and patterns between folder arguments in tables of their own, as given."""
+    for folder, results in groupby(report.results, key=lambda result: result.folder):
+        if folder is not None:
+            console.print(f"Images in {folder}", markup=False, highlight=False)
+        console.print(results_table(list(results), report.top_k, console))
+
+
+def results_table(results: list[PredictionResult], top_k: int, console: Console) -> Table:
+    """The results as rows, fitted to ``console``: a long path loses its start, not its file name."""
+    table = make_table(["path", "label", "confidence", f"top {top_k}"], [], numeric=["confidence"])
+    for result in results:
+        path = PathCell(result.display_path)
         if result.error is not None:
-            rows.append([escape(result.path), None, None, f"[red]error: {escape(result.error)}[/red]"])
+            table.add_row(path, "-", "-", f"[red]error: {escape(result.error)}[/red]")
             continue
         ranked = ", ".join(f"{escape(entry.label)}={entry.probability:.3f}" for entry in result.top_k)
-        rows.append([escape(result.path), escape(result.label or ""), result.confidence, ranked])
-    return make_table(["path", "label", "confidence", f"top {report.top_k}"], rows, numeric=["confidence"])
+        table.add_row(path, escape(result.label or ""), format_cell(result.confidence), ranked)
+    fit_path_column(table, 0, [result.display_path for result in results], console)
+    return table
