@@ -77,7 +77,7 @@ class TrainConfig:
     class_weights: Literal["none", "auto"] | dict[str, float] = "auto"
     """none, auto (inverse class frequency when classes are imbalanced) or {class: weight}."""
     early_stopping_patience: int = 8
-    """Epochs without val_loss improvement before stopping (0 turns early stopping off)."""
+    """Epochs without val_loss improvement before stopping (0 turns early stopping off); with train.time_budget only when given."""  # noqa: E501 (one line: it is the --print-config comment)
     mixed_precision: Literal["auto", "true", "false"] = "auto"
     """auto: float16 mixed precision when a GPU is present."""
     distribute: Literal["auto", "mirrored", "none"] = "auto"

@@ -469,4 +469,5 @@ def evaluate(
     )
     report.seconds = time.perf_counter() - started
     report.files = write_outputs(report, outcome, output_dir, plots=plots)
+    store.clear_stale(run_dir, "eval")  # eval/ now holds an evaluation of the current best.keras
     return report

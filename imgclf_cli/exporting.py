@@ -321,6 +321,8 @@ def export_run(
         report.serving_check = verification.serving_check
         report.warnings.extend(verification.warnings)
     store.atomic_write_json(output / REPORT_FILE, report.to_record())
+    if output == store.export_dir(run_dir).resolve() and not report.failures:
+        store.clear_stale(run_dir, "export")  # export/ now comes from the current best.keras
     if report.failures:
         message, hint = failure_message(report.failures, report.output_dir)
         raise ExportVerificationError(message, hint, report)

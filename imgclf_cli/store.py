@@ -11,7 +11,8 @@ Layout of a run folder (``<runs-dir>/<YYYYmmdd-HHMMSS>-<model>[-<name>]``)::
     history.csv      one row per epoch
     meta.json        status, library versions, dataset fingerprint, timings, results
     plots/           training curves (PNG)
-    eval/, export/   written by `imgclf evaluate` and `imgclf export`
+    eval/, export/   written by `imgclf evaluate` and `imgclf export`; meta.json's ``stale``
+                     lists those made from a best.keras that a resumed training has replaced
 
 This module is the only one that knows these names: every other module reads and writes a run
 through the accessors below, and each accessor fails with one ``RunFileError`` naming the file
@@ -286,6 +287,40 @@ def eval_dir(run_dir: Path, dataset_name: str) -> Path:
 
 def export_dir(run_dir: Path) -> Path:
     return run_dir / EXPORT_DIR
+
+
+# The outputs made from best.keras; each names its folder and the command that makes it again.
+MODEL_OUTPUTS = {EVAL_DIR: "imgclf evaluate", EXPORT_DIR: "imgclf export"}
+STALE_KEY = "stale"
+
+
+def mark_outputs_stale(run_dir: Path) -> list[str]:
+    """Record in meta.json that the ``eval/`` and ``export/`` present were made from a best.keras
+    that has just been replaced (a resumed training improved on it); return every stale output.
+
+    Called whenever training writes best.keras: a new run has no such outputs and writes nothing.
+    """
+    present = [
+        name for name in MODEL_OUTPUTS if (run_dir / name).is_dir() and any((run_dir / name).iterdir())
+    ]
+    if not present:
+        return stale_outputs(run_dir)
+    stale = sorted(set(stale_outputs(run_dir)) | set(present))
+    update_meta(run_dir, **{STALE_KEY: stale})
+    return stale
+
+
+def stale_outputs(run_dir: Path) -> list[str]:
+    """The outputs (``eval``, ``export``) that meta.json records as made from an earlier best model."""
+    recorded = read_meta(run_dir).get(STALE_KEY) or []
+    return [name for name in recorded if name in MODEL_OUTPUTS] if isinstance(recorded, list) else []
+
+
+def clear_stale(run_dir: Path, output: str) -> None:
+    """``output`` (``eval`` or ``export``) was made again from the current best.keras."""
+    stale = stale_outputs(run_dir)
+    if output in stale:
+        update_meta(run_dir, **{STALE_KEY: [name for name in stale if name != output]})
 
 
 def is_run_dir(path: Path) -> bool:

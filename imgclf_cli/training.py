@@ -16,7 +16,7 @@ import platform
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from imgclf_cli.dataset import (
     scan_dataset,
     skipped_as_dicts,
 )
-from imgclf_cli.errors import DatasetError, RunNotFoundError, TrainingInterrupted
+from imgclf_cli.errors import DatasetError, TrainingInterrupted
 from imgclf_cli.feature_cache import (
     compute_features,
     feature_datasets,
@@ -44,48 +44,36 @@ from imgclf_cli.feature_cache import (
 from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two, sole_backbone
 from imgclf_cli.models import build_model, canonical_model_name, load_model
 from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
+from imgclf_cli.resuming import (
+    find_resumable,
+    nothing_to_resume,
+    prepare_resume,
+    recorded_result,
+    resume_command,
+)
 from imgclf_cli.time_budget import BudgetClock
 from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, TrainingState, fit_callbacks
-from imgclf_cli.training_events import TrainingListener, TrainingStarted
+from imgclf_cli.training_events import (
+    STOPPED_BY_EARLY_STOPPING,
+    STOPPED_BY_EPOCHS,
+    STOPPED_BY_INTERRUPT,
+    STOPPED_BY_TIME_BUDGET,
+    TrainingListener,
+    TrainingStarted,
+    TrainResult,
+)
 from imgclf_cli.training_recipe import (
     choose_strategy,
     class_weights_for,
     configure_precision,
     make_optimizer,
+    replan_schedule,
 )
 
-STOPPED_BY_EPOCHS = "epochs"
-STOPPED_BY_EARLY_STOPPING = "early_stopping"
-STOPPED_BY_TIME_BUDGET = "time_budget"
-STOPPED_BY_INTERRUPT = "interrupt"
+__all__ = ["TrainResult", "train"]
+
 # fit() needs a number of epochs: with a time budget and no epoch cap, one the clock never reaches.
 UNLIMITED_EPOCHS = 100_000
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    run_dir: str
-    classes: list[str]
-    num_train: int
-    num_val: int
-    epochs_run: int
-    best_epoch: int
-    val_accuracy: float
-    val_loss: float
-    train_seconds: float
-    skipped_files: list[dict[str, str]]
-    status: str = store.STATUS_COMPLETED
-    num_test: int = 0
-    model_path: str = ""
-    stopped_early: bool = False
-    time_budget: float | None = None
-    """``train.time_budget`` in seconds (``None``: no budget)."""
-    stopped_by: str = STOPPED_BY_EPOCHS
-    """What ended training: ``epochs``, ``early_stopping`` or ``time_budget`` (``interrupt`` in meta.json)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def library_versions() -> dict[str, str]:
@@ -146,38 +134,6 @@ def prepare_new_run(
     return run_dir, manifest, scan
 
 
-def prepare_resume(
-    reference: str, runs_dir: str | Path | None, listener: TrainingListener
-) -> tuple[Path, dict[str, Any], SplitManifest]:
-    run_dir = store.resolve_run(reference, runs_dir) if reference != "latest" else latest_resumable(runs_dir)
-    meta = store.read_meta(run_dir)
-    if not store.has_checkpoint(run_dir):
-        raise RunNotFoundError(
-            f"Run {run_dir.name} has no checkpoint to resume from (no completed epoch)",
-            "start a new run with imgclf train DATA_DIR",
-        )
-    stored = store.read_config_values(run_dir)
-    manifest = store.read_manifest(run_dir)
-    missing = [sample.path for sample in manifest.train[:50] if not Path(sample.path).exists()]
-    if missing:
-        raise DatasetError(
-            f"The dataset of run {run_dir.name} is gone or moved: {missing[0]} does not exist",
-            f"restore the images under {manifest.root}",
-        )
-    if meta.get("status") == store.STATUS_COMPLETED:
-        listener.on_info(f"Run {run_dir.name} had completed; continuing it as asked.")
-    return run_dir, stored, manifest
-
-
-def latest_resumable(runs_dir: str | Path | None) -> Path:
-    root = store.runs_root(runs_dir)
-    candidates = [run for run in store.list_runs(root) if store.has_checkpoint(run)]
-    unfinished = [run for run in candidates if store.run_status(run) != store.STATUS_COMPLETED]
-    if not unfinished:
-        raise RunNotFoundError(f"No interrupted run to resume in {root}", "pass the run id: --resume RUN")
-    return unfinished[-1]
-
-
 @dataclass
 class TrainingData:
     """The training and validation streams, and how many steps make an epoch."""
@@ -185,6 +141,8 @@ class TrainingData:
     train: tf.data.Dataset
     val: tf.data.Dataset
     steps_per_epoch: int
+    batch_size: int = 0
+    """Images per training step."""
 
 
 def pipeline_settings(
@@ -236,7 +194,7 @@ def make_training_data(
     val_data = make_dataset(
         manifest.val, training=False, cache_name="val", drop_remainder=replicas > 1, **common
     )
-    return TrainingData(train_data, val_data, steps_per_epoch)
+    return TrainingData(train_data, val_data, steps_per_epoch, common["batch_size"])
 
 
 def train(
@@ -259,6 +217,10 @@ def train(
     ``imgclf_cli.training_events``). ``train.time_budget`` counts from ``clock_start`` (a
     ``time.monotonic()`` value; default: now; ``imgclf train`` passes its process start).
     Raises ``TrainingInterrupted`` on Ctrl-C after recording the run as interrupted.
+
+    ``resume`` (a run id, folder or ``latest``) continues a run from its last completed epoch;
+    a completed run only when asked for more epochs or a new time budget (otherwise the
+    result says ``trained=False``; see ``imgclf_cli.resuming``).
     """
     listener = listener or TrainingListener()
     clock_start = time.monotonic() if clock_start is None else clock_start
@@ -284,14 +246,26 @@ def train_run(
 ) -> TrainResult:
     # A Config object is taken as given whole; otherwise train.epochs caps a time budget only
     # when the user set it.
-    epochs_given = config is not None or "train.epochs" in given_keys(config_file, overrides, flags)
+    given = given_keys(config_file, overrides, flags)
+    epochs_given = config is not None or "train.epochs" in given
+    # Likewise early stopping under a time budget: the schedule follows the clock, and a plateau
+    # at a high learning rate is not the end (the decay gains most), so the time decides.
+    patience_given = config is not None or "train.early_stopping_patience" in given
     if resume:
-        run_dir, stored, manifest = prepare_resume(resume, runs_dir, listener)
+        run_dir = find_resumable(resume, runs_dir)
+        finished = nothing_to_resume(run_dir, config_file, overrides, flags, runs_dir)
+        if finished is not None:
+            listener.on_info(finished.message)
+            return finished.result
+        stored, manifest = prepare_resume(run_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)
         meta = store.read_meta(run_dir)
         skipped = list(meta.get("skipped_files", []))
         fine_tune_start = (meta.get("fine_tune") or {}).get("first_epoch")
         state = TrainingState.from_history(store.read_history(run_dir), fine_tune_start)
+        if meta.get("status") == store.STATUS_COMPLETED:
+            # Asked to train a completed run further: the new epochs get their own patience.
+            state.restart_patience()
     else:
         if data_dir is None:
             raise DatasetError("No dataset folder given", "pass DATA_DIR")
@@ -340,6 +314,12 @@ def train_run(
     fit_model, fit_data = model, data
     feature_seconds: float | None = None
     phase_one_over = fine_tuning is not None and fine_tuning.first_epoch is not None
+    replanned = None
+    if initial_epoch and fine_tuning is None and max_epochs and max_epochs > initial_epoch:
+        with strategy.scope():
+            replanned = replan_schedule(
+                model.optimizer, config, data.steps_per_epoch, budget is not None, max_epochs
+            )
     if should_cache_features(config, model, replicas) and not phase_one_over:
         caching_started = time.perf_counter()
         fit_model, fit_data = head_on_cached_features(model, config, manifest, failures, run_dir, listener)
@@ -374,7 +354,7 @@ def train_run(
     recorder = RunRecorder(
         run_dir,
         state,
-        config.train.early_stopping_patience,
+        config.train.early_stopping_patience if budget is None or patience_given else 0,
         total_epochs,
         deployment_model,
         listener,
@@ -389,17 +369,24 @@ def train_run(
         TrainingStarted(
             run_id=run_dir.name,
             run_dir=str(run_dir),
-            model_name=model.name,
+            model_name=canonical_model_name(config.model.name),
             num_classes=num_classes,
             num_train=len(manifest.train),
             num_val=len(manifest.val),
             total_epochs=total_epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=data.steps_per_epoch,
+            steps_per_epoch=fit_data.steps_per_epoch,
+            batch_size=fit_data.batch_size,
             time_budget=budget,
             seconds_left=deadline - time.monotonic() if deadline is not None else None,
         )
     )
+    if replanned is not None:
+        listener.on_info(
+            f"Learning-rate schedule re-planned for {max_epochs} epochs "
+            f"(it was for {replanned.previous_epochs}): epochs {initial_epoch + 1}-{max_epochs} "
+            f"go from {replanned.first_rate:.2e} down to {replanned.last_rate:.2e}"
+        )
     started = time.perf_counter()
     previous_seconds = float(store.read_meta(run_dir).get("train_seconds", 0.0)) if initial_epoch else 0.0
 
@@ -436,14 +423,12 @@ def train_run(
         all_skipped = skipped + skipped_as_dicts(failures.entries())
         store.update_meta(run_dir, stopped_by=STOPPED_BY_INTERRUPT)
         finish_run(run_dir, state, store.STATUS_INTERRUPTED, seconds_so_far(), all_skipped, listener)
-        hint = f"continue it with: imgclf train --resume {run_dir.name}"
-        if runs_dir:
-            hint += f" --runs-dir {store.runs_root(runs_dir)}"
-        raise TrainingInterrupted(
-            f"Training interrupted after {len(state.history)} completed epoch(s); "
-            f"the run is kept in {run_dir}",
-            hint,
-        ) from None
+        if state.history:
+            resume_with = resume_command(run_dir.name, runs_dir)
+            message = f"Interrupted after epoch {len(state.history)}; resume with {resume_with}"
+        else:
+            message = "Interrupted before the first epoch ended: there is nothing to resume"
+        raise TrainingInterrupted(message, f"the run is kept in {run_dir}") from None
     except BaseException:
         finish_run(run_dir, state, store.STATUS_FAILED, seconds_so_far(), skipped, listener)
         raise
@@ -463,26 +448,7 @@ def train_run(
         raise DatasetError("No epoch completed", "check that the dataset holds readable images")
     store.update_meta(run_dir, time_budget=budget, stopped_by=stopped_by)
     finish_run(run_dir, state, store.STATUS_COMPLETED, train_seconds, all_skipped, listener)
-    failed_paths = {entry.path for entry in failures.entries()}
-    best = state.best_row()
-    return TrainResult(
-        run_id=run_dir.name,
-        run_dir=str(run_dir),
-        classes=list(manifest.classes),
-        num_train=sum(1 for sample in manifest.train if sample.path not in failed_paths),
-        num_val=sum(1 for sample in manifest.val if sample.path not in failed_paths),
-        num_test=len(manifest.test),
-        epochs_run=len(state.history),
-        best_epoch=state.best_epoch,
-        val_accuracy=float(best["val_accuracy"]),
-        val_loss=float(best["val_loss"]),
-        train_seconds=round(train_seconds, 3),
-        skipped_files=all_skipped,
-        model_path=str(store.best_model_file(run_dir)),
-        stopped_early=stopped_by == STOPPED_BY_EARLY_STOPPING,
-        time_budget=budget,
-        stopped_by=stopped_by,
-    )
+    return recorded_result(run_dir, trained=True)
 
 
 def fit_quietly(
@@ -547,7 +513,7 @@ def head_on_cached_features(
         f"Frozen backbone: features of {count} images computed once in {seconds:.1f} s; "
         "the head trains on them"
     )
-    return split.head, TrainingData(train_data, val_data, steps)
+    return split.head, TrainingData(train_data, val_data, steps, min(config.data.batch_size, len(train[0])))
 
 
 def build_before_tracing(model: keras.Model, train_data: tf.data.Dataset) -> None:

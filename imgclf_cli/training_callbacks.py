@@ -82,6 +82,8 @@ def save_model_atomically(model: keras.Model, path: Path) -> None:
 class RunRecorder(keras.callbacks.Callback):
     """After each epoch: history.csv, last.keras, best.keras on improvement, early stopping.
 
+    Replacing best.keras marks the run's ``eval/`` and ``export/`` stale (``store.mark_outputs_stale``).
+
     Keras' ModelCheckpoint/CSVLogger/EarlyStopping are not used because they write in place
     (a crash can leave half a file) and cannot restore their state for ``--resume``.
     ``best.keras`` is the deployment artifact, so it is saved from ``deployment_model`` (the
@@ -156,6 +158,8 @@ class RunRecorder(keras.callbacks.Callback):
         if improved:
             self.deployment_model.set_weights(checkpoint_model.get_weights())
             save_model_atomically(self.deployment_model, store.best_model_file(self.run_dir))
+            # A resumed run may hold evaluations and exports of the model just replaced.
+            store.mark_outputs_stale(self.run_dir)
         store.write_history(self.run_dir, self.state.history)
         store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
         if self.clock is not None:

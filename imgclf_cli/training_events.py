@@ -1,4 +1,4 @@
-"""What ``train()`` reports while it runs, for whoever wants to show it.
+"""What ``train()`` reports while it runs, for whoever wants to show it, and what it returns.
 
 The training library never draws anything itself. It calls the methods of a
 ``TrainingListener``: ``imgclf train`` passes one that renders them with Rich (bars on a
@@ -19,11 +19,56 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from imgclf_cli.time_budget import TimePlan
 
-__all__ = ["EpochEnded", "FineTuneStarted", "TimePlan", "TrainingListener", "TrainingStarted"]
+__all__ = [
+    "EpochEnded",
+    "FineTuneStarted",
+    "TimePlan",
+    "TrainResult",
+    "TrainingListener",
+    "TrainingStarted",
+]
+
+STOPPED_BY_EPOCHS = "epochs"
+STOPPED_BY_EARLY_STOPPING = "early_stopping"
+STOPPED_BY_TIME_BUDGET = "time_budget"
+STOPPED_BY_INTERRUPT = "interrupt"
+
+
+@dataclass
+class TrainResult:
+    """What ``train()`` returns (and ``imgclf train --json`` prints): the run as it now stands."""
+
+    run_id: str
+    run_dir: str
+    classes: list[str]
+    num_train: int
+    num_val: int
+    epochs_run: int
+    best_epoch: int
+    val_accuracy: float
+    val_loss: float
+    train_seconds: float
+    skipped_files: list[dict[str, str]]
+    status: str = "completed"
+    num_test: int = 0
+    model_path: str = ""
+    stopped_early: bool = False
+    time_budget: float | None = None
+    """``train.time_budget`` in seconds (``None``: no budget)."""
+    stopped_by: str = STOPPED_BY_EPOCHS
+    """What ended training: ``epochs``, ``early_stopping`` or ``time_budget`` (``interrupt`` in meta.json)."""
+    stale_outputs: list[str] = field(default_factory=list)
+    """The run's outputs (``eval``, ``export``) made from an earlier best model, to make again."""
+    trained: bool = True
+    """``False`` when ``--resume`` found nothing left to train and returned the run as it was."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -33,14 +78,17 @@ class TrainingStarted:
     run_id: str
     run_dir: str
     model_name: str
+    """As the config and run ids spell it (``imgclf-cnn``, ``mobilenet_v3_small``)."""
     num_classes: int
     num_train: int
     num_val: int
     total_epochs: int
     """The most epochs (with a time budget and no epoch cap: 0, unknown until planned)."""
     initial_epoch: int
-    """Epochs already completed (non-zero when a run is resumed)."""
+    """Epochs already completed (non-zero when a run is resumed: it continues from the next)."""
     steps_per_epoch: int
+    batch_size: int = 0
+    """Images per training step (0: unknown)."""
     time_budget: float | None = None
     """Seconds for the whole command (``train.time_budget``), or ``None``."""
     seconds_left: float | None = None

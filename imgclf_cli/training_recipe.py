@@ -5,6 +5,7 @@ numeric precision and the distribution strategy, each chosen from the config.  [
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -105,34 +106,101 @@ class ProgressCosine(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+def learning_rate_schedule(
+    config: Config,
+    steps_per_epoch: int,
+    time_budgeted: bool = False,
+    max_epochs: int | None = None,
+    time_progress: float = 0.0,
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """``train.lr_schedule`` for ``train.epochs`` (a constant rate for ``constant`` and ``plateau``).
+
+    ``time_budgeted``: the cosine schedule follows the clock (``ProgressCosine``, from
+    ``time_progress``), ending after ``max_epochs`` epochs at the latest (``None``: the time
+    alone decides).
+    """
+    if config.train.lr_schedule != "cosine":
+        return config.train.learning_rate
+    warmup_steps = config.train.warmup_epochs * steps_per_epoch
+    if time_budgeted:
+        # Without an epoch cap, a step count no budget reaches: the clock alone drives progress.
+        total_steps = (max_epochs or 10**6) * steps_per_epoch
+        return ProgressCosine(
+            config.train.learning_rate, max(total_steps, 1), warmup_steps, time_progress=time_progress
+        )
+    total_steps = max(config.train.epochs * steps_per_epoch, warmup_steps + 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.train.learning_rate * (0.1 if warmup_steps else 1.0),
+        decay_steps=total_steps - warmup_steps,
+        alpha=LEARNING_RATE_FLOOR,
+        warmup_target=config.train.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
 def make_optimizer(
     config: Config, steps_per_epoch: int, time_budgeted: bool = False, max_epochs: int | None = None
 ) -> keras.optimizers.Optimizer:
-    """The optimizer and its learning-rate schedule.
-
-    ``time_budgeted``: the cosine schedule follows the clock (``ProgressCosine``), ending after
-    ``max_epochs`` epochs at the latest (``None``: the time alone decides).
-    """
-    rate: Any = config.train.learning_rate
-    if config.train.lr_schedule == "cosine" and time_budgeted:
-        warmup_steps = config.train.warmup_epochs * steps_per_epoch
-        # Without an epoch cap, a step count no budget reaches: the clock alone drives progress.
-        total_steps = (max_epochs or 10**6) * steps_per_epoch
-        rate = ProgressCosine(config.train.learning_rate, max(total_steps, 1), warmup_steps)
-    elif config.train.lr_schedule == "cosine":
-        warmup_steps = config.train.warmup_epochs * steps_per_epoch
-        total_steps = max(config.train.epochs * steps_per_epoch, warmup_steps + 1)
-        rate = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=config.train.learning_rate * (0.1 if warmup_steps else 1.0),
-            decay_steps=total_steps - warmup_steps,
-            alpha=LEARNING_RATE_FLOOR,
-            warmup_target=config.train.learning_rate if warmup_steps else None,
-            warmup_steps=warmup_steps,
-        )
+    """The optimizer and its learning-rate schedule (see ``learning_rate_schedule``)."""
+    rate = learning_rate_schedule(config, steps_per_epoch, time_budgeted, max_epochs)
     if config.train.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.train.weight_decay)
     if config.train.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate=rate)
     return keras.optimizers.SGD(
         learning_rate=rate, momentum=0.9, nesterov=True, weight_decay=config.train.weight_decay or None
+    )
+
+
+def planned_steps(schedule: Any) -> int | None:
+    """The training steps a cosine schedule anneals over (``None``: not a cosine schedule)."""
+    if isinstance(schedule, ProgressCosine):
+        return schedule.total_steps
+    if isinstance(schedule, keras.optimizers.schedules.CosineDecay):
+        return int(schedule.decay_steps) + int(schedule.warmup_steps)
+    return None
+
+
+@dataclass(frozen=True)
+class Replanned:
+    """A resumed run's cosine schedule, planned again for the epochs now asked for."""
+
+    previous_epochs: int
+    """The epochs the checkpoint's schedule annealed over (large: it followed the clock alone)."""
+    first_rate: float
+    """The learning rate of the next step."""
+    last_rate: float
+    """The rate at the end of the new plan (the schedule's floor)."""
+
+
+def replan_schedule(
+    optimizer: keras.optimizers.Optimizer,
+    config: Config,
+    steps_per_epoch: int,
+    time_budgeted: bool,
+    max_epochs: int,
+) -> Replanned | None:
+    """Give a resumed run's optimizer the cosine schedule of a ``max_epochs`` run when its own
+    was planned for another number of epochs (``None``: it was, or it is no cosine schedule).
+
+    Without this, epochs past the checkpoint's plan would all run at the schedule's floor. The
+    new schedule is the one a run planned for ``max_epochs`` from the start would have: it
+    continues at its value for the step reached (a warm restart when the old plan had ended)
+    and anneals to the floor by the last epoch. Call it inside the distribution strategy's scope.
+    """
+    previous = getattr(optimizer, "_learning_rate", None)
+    previous_steps = planned_steps(previous)
+    if previous_steps is None:
+        return None
+    progress = float(previous.time_progress.numpy()) if isinstance(previous, ProgressCosine) else 0.0
+    schedule = learning_rate_schedule(config, steps_per_epoch, time_budgeted, max_epochs, progress)
+    steps = planned_steps(schedule)
+    if steps is None or steps == previous_steps:
+        return None
+    optimizer.learning_rate = schedule
+    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return Replanned(
+        previous_epochs=round(previous_steps / max(1, steps_per_epoch)),
+        first_rate=float(schedule(step)),
+        last_rate=float(schedule(steps)),
     )

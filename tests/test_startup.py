@@ -1,4 +1,5 @@
-"""Start-up: ``--help`` imports nothing heavy, shows no ``<bool>``; TensorFlow and LiteRT stay quiet.
+"""Start-up: ``--help`` imports nothing heavy, shows no ``<bool>``; mistakes are reported before
+TensorFlow loads; TensorFlow and LiteRT stay quiet.
 
 The CLI runs in new processes here, through ``main()`` as the ``imgclf`` script does, because
 what a process imports and what native code writes to its stderr cannot be seen in-process.
@@ -157,6 +158,108 @@ def test_install_sets_defaults_unless_user_or_debug() -> None:
     assert run() == "2 True"
     assert run(TF_CPP_MIN_LOG_LEVEL="0") == "0 True"
     assert run(IMGCLF_DEBUG="1") == "None False"
+
+
+# Every command's usual mistakes: (arguments, exit code, text of the one Error: line). Places
+# in braces are filled in by ``mistake_places``.
+MISTAKES = {
+    "train-yaml-typo": (["train", "{data}", "--config", "{bad_yaml}"], 2, "Invalid YAML"),
+    "train-yaml-key-typo": (["train", "{data}", "--config", "{typo_yaml}"], 2, "Did you mean train.epochs?"),
+    "train-set-not-int": (["train", "{data}", "--set", "train.epochs=abc"], 2, "expects int"),
+    "train-unknown-model": (["train", "{data}", "--model", "resnet5"], 2, "Unknown model 'resnet5'"),
+    "train-bad-time": (["train", "{data}", "--time", "soon"], 2, "train.time_budget"),
+    "train-missing-data-dir": (["train", "{missing}"], 1, "Dataset folder not found"),
+    "train-no-class-folders": (["train", "{flat}"], 1, "No class folders"),
+    "train-one-class": (["train", "{single}"], 1, "Only one class"),
+    "evaluate-missing-data-dir": (["evaluate", "{missing}", "--run", "{run}"], 2, "does not exist"),
+    "evaluate-no-class-folders": (["evaluate", "{flat}", "--run", "{run}"], 1, "No class folders"),
+    "evaluate-unknown-run": (["evaluate", "--run", "no-such-run"], 1, "Run not found: 'no-such-run'"),
+    "evaluate-no-completed-run": (["evaluate", "--runs-dir", "{missing}"], 1, "No completed run"),
+    "predict-missing-path": (["predict", "{missing}", "--run", "{run}"], 1, "No image files found"),
+    "predict-missing-model": (["predict", "{image}", "--model", "{missing}"], 2, "does not exist"),
+    "predict-unsupported-model": (["predict", "{image}", "--model", "{notes}"], 1, "Unsupported model file"),
+    "predict-unknown-run": (["predict", "{image}", "--run", "no-such-run"], 1, "Run not found"),
+    "export-no-completed-run": (["export", "--tflite", "--runs-dir", "{missing}"], 1, "No completed run"),
+    "export-bad-quantize": (["export", "--quantize", "int4"], 2, "'int4' is not one of"),
+    "export-nothing-chosen": (["export", "--run", "{run}"], 2, "Nothing to export"),
+    "export-int8-io-alone": (["export", "--tflite", "--int8-io"], 2, "--int8-io applies to the int8"),
+    "export-tflite-no-completed-run": (["export-tflite", "--runs-dir", "{missing}"], 1, "No completed run"),
+    "inspect-dataset-missing": (["inspect-dataset", "{missing}"], 1, "Dataset folder not found"),
+    "inspect-dataset-no-class-folders": (["inspect-dataset", "{flat}"], 1, "No class folders"),
+}
+TENSORFLOW_IMPORTED = "tensorflow imported"
+FAKE_TENSORFLOW = f"""
+import sys
+print({TENSORFLOW_IMPORTED!r}, file=sys.stderr)
+raise ImportError({TENSORFLOW_IMPORTED!r})
+"""
+
+
+@pytest.fixture(scope="module")
+def without_tensorflow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment changes that make ``import tensorflow`` (or keras) fail loudly in a child."""
+    fakes = tmp_path_factory.mktemp("no_tensorflow")
+    for name in ("tensorflow", "keras"):
+        (fakes / name).mkdir()
+        (fakes / name / "__init__.py").write_text(FAKE_TENSORFLOW)
+    path = [str(fakes), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
+
+
+@pytest.fixture(scope="module")
+def mistake_places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A dataset, folders that are not datasets, bad config files and a store with one run
+    (whose best.keras is empty: no mistake below reaches loading it)."""
+    base = tmp_path_factory.mktemp("mistakes")
+    data = make_class_folders(base / "data", per_class=2)
+    single = make_class_folders(base / "single", per_class=2, classes={"cats": (1, 2, 3)})
+    flat = base / "flat"
+    flat.mkdir()
+    image = next(data.glob("red/*.png"))
+    (flat / image.name).write_bytes(image.read_bytes())
+    (base / "bad.yaml").write_text("train: [oops\n")
+    (base / "typo.yaml").write_text("train:\n  epoch: 3\n")
+    (base / "notes.txt").write_text("not a model\n")
+    run = base / "runs" / "20240101-000000-imgclf-cnn"
+    run.mkdir(parents=True)
+    (run / "meta.json").write_text(json.dumps({"status": "completed"}))
+    (run / "labels.json").write_text(json.dumps(["blue", "green", "red"]))
+    (run / "best.keras").write_bytes(b"")
+    places = {
+        "data": data, "single": single, "flat": flat, "missing": base / "missing",
+        "bad_yaml": base / "bad.yaml", "typo_yaml": base / "typo.yaml", "notes": base / "notes.txt",
+        "image": image, "run": run, "runs": run.parent,
+    }  # fmt: skip
+    return {name: str(path) for name, path in places.items()}
+
+
+@pytest.mark.parametrize(("args", "code", "message"), MISTAKES.values(), ids=MISTAKES.keys())
+def test_mistakes_are_reported_before_tensorflow_loads(
+    args: list[str],
+    code: int,
+    message: str,
+    without_tensorflow: dict[str, str],
+    mistake_places: dict[str, str],
+) -> None:
+    """TensorFlow takes seconds to import: a mistake must not wait for it (nor need it)."""
+    filled = [arg.format(**mistake_places) for arg in args]
+    completed = run_imgclf(*filled, IMGCLF_RUNS_DIR=mistake_places["runs"], **without_tensorflow)
+    assert TENSORFLOW_IMPORTED not in completed.stderr, completed.stderr
+    assert "Traceback" not in completed.stderr, completed.stderr
+    assert completed.returncode == code, completed.stderr
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], completed.stderr
+
+
+def test_the_fake_tensorflow_fails_loudly(without_tensorflow: dict[str, str]) -> None:
+    """The check above means something: with the fakes first on the path, importing fails."""
+    completed = subprocess.run(
+        [sys.executable, "-c", "import tensorflow"],
+        capture_output=True,
+        text=True,
+        env=child_environment(**without_tensorflow),
+    )
+    assert completed.returncode == 1 and TENSORFLOW_IMPORTED in completed.stderr
 
 
 @pytest.fixture(scope="module")

@@ -124,3 +124,18 @@ def test_the_cli_reports_a_damaged_run_file_in_one_line(run_copy: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr.startswith("Error:") and "labels.json is damaged" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_outputs_of_a_replaced_best_model_are_stale_until_made_again(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    store.update_meta(run, status="running")
+    assert store.mark_outputs_stale(run) == [] and "stale" not in store.read_meta(run)  # a new run
+    (run / store.EXPORT_DIR).mkdir()
+    assert store.mark_outputs_stale(run) == []  # an empty folder holds nothing made from the model
+    (run / store.EXPORT_DIR / "model.tflite").write_bytes(b"old")
+    assert store.mark_outputs_stale(run) == ["export"]
+    (run / store.EVAL_DIR / "val").mkdir(parents=True)
+    assert store.mark_outputs_stale(run) == ["eval", "export"] == store.read_meta(run)["stale"]
+    store.clear_stale(run, "export")
+    assert store.stale_outputs(run) == ["eval"] == store.read_meta(run)["stale"]

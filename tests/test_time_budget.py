@@ -141,8 +141,8 @@ def test_a_budget_stops_training_in_time_with_the_schedule_complete(tmp_path: Pa
             "data.batch_size=4",
             "model.width=8",
             "train.time_budget=15s",
-            # Many quick epochs on tiny data: early stopping must not end the run first.
-            "train.early_stopping_patience=0",
+            # Many quick epochs on tiny data plateau early (with patience 8 they used to stop this
+            # run): under a budget, early stopping is off unless asked for, so the time decides.
         ],
         listener=listener,
     )
@@ -163,3 +163,40 @@ def test_the_json_summary_has_the_budget_keys(trained_run: dict) -> None:
         json.loads((trained_run["run_dir"] / store.META_FILE).read_text())["stopped_by"]
         == summary["stopped_by"]
     )
+
+
+def test_a_completed_run_resumes_only_when_asked_for_more(trained_run: dict) -> None:
+    from imgclf_cli.resuming import nothing_to_resume
+
+    run_dir = trained_run["run_dir"]
+    finished = nothing_to_resume(run_dir)
+    assert finished is not None and finished.message.startswith(f"Nothing to resume: run {run_dir.name} ")
+    assert finished.result.trained is False
+    assert finished.result.epochs_run == trained_run["summary"]["epochs_run"]
+    # A resumed run gets a new time budget for its new session.
+    assert nothing_to_resume(run_dir, flags={"train.time_budget": "1m"}) is None
+    assert nothing_to_resume(run_dir, overrides=["train.epochs=99"]) is None
+    fewer = nothing_to_resume(run_dir, flags={"train.epochs": 1})
+    assert fewer is not None and "the settings given ask for 1" in fewer.message
+
+
+def test_a_resumed_run_asked_for_more_epochs_gets_a_schedule_planned_for_them() -> None:
+    from imgclf_cli.config import resolve_config
+    from imgclf_cli.training_recipe import LEARNING_RATE_FLOOR, make_optimizer, replan_schedule
+
+    def config(epochs: int):  # type: ignore[no-untyped-def]
+        return resolve_config(
+            overrides=[f"train.epochs={epochs}", "train.warmup_epochs=0", "train.learning_rate=0.01"]
+        )
+
+    optimizer = make_optimizer(config(2), steps_per_epoch=5)
+    optimizer.iterations.assign(10)  # both planned epochs done: the schedule is at its floor
+    assert float(optimizer.learning_rate) == pytest.approx(0.01 * LEARNING_RATE_FLOOR)
+    assert replan_schedule(optimizer, config(2), 5, False, 2) is None  # the same plan stays
+    replanned = replan_schedule(optimizer, config(4), 5, False, 4)
+    assert replanned is not None and replanned.previous_epochs == 2
+    # Halfway along a 4-epoch cosine, down to the same floor by its end.
+    halfway = 0.01 * (LEARNING_RATE_FLOOR + (1 - LEARNING_RATE_FLOOR) * 0.5)
+    assert replanned.first_rate == pytest.approx(halfway)
+    assert float(optimizer.learning_rate) == pytest.approx(halfway)
+    assert replanned.last_rate == pytest.approx(0.01 * LEARNING_RATE_FLOOR)

@@ -251,8 +251,13 @@ def test_interrupt_then_resume_continues_from_last_epoch(
     args = ["--epochs", "4", "--image-size", "32", "--batch-size", "8", "--set", "model.width=8"]
     code, _, stderr = train_cli(str(data), *args)
     assert code == 130
-    assert "--resume" in stderr
     (run_dir,) = store.list_runs(runs_dir)
+    # Ctrl-C is a notice saying how to go on, not an error.
+    assert "Error:" not in stderr and "Traceback" not in stderr
+    assert stderr.splitlines()[-2:] == [
+        f"Interrupted after epoch 2; resume with imgclf train --resume {run_dir.name}",
+        f"The run is kept in {run_dir}",
+    ]
     assert store.read_meta(run_dir)["status"] == "interrupted"
     interrupted_config = (run_dir / store.CONFIG_FILE).read_text()
     assert "auto" not in interrupted_config  # resolved values are what the resume reads back
@@ -437,3 +442,124 @@ def test_train_library_prints_nothing_and_reports_through_the_listener(
     assert listener.epochs[0].improved  # the first epoch is always the best so far
     assert listener.batches == 2 * 3  # 12 training images in batches of 4
     assert result.best_epoch in (1, 2) and result.epochs_run == 2
+
+
+def test_resume_says_what_it_does_replans_the_schedule_and_marks_old_outputs_stale(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    data = make_class_folders(tmp_path / "data", per_class=6)
+    args = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--set", "model.width=8"]
+    code, _, stderr = train_cli(str(data), *args)
+    assert code == 0, stderr
+    (run_dir,) = store.list_runs(runs_dir)
+    lines = stderr.splitlines()
+    # The model as the config spells it; the run path on its own line.
+    assert any(line.startswith("Training imgclf-cnn on ") for line in lines), stderr
+    assert f"Run: {run_dir}" in lines and "imgclf_cnn" not in stderr
+
+    # A completed run asked for nothing more: nothing to resume, at once.
+    code, stdout, stderr = train_cli("--resume", run_dir.name)
+    assert code == 0, stderr
+    assert stderr.startswith(f"Nothing to resume: run {run_dir.name} completed all 2 epochs; best epoch")
+    assert f"imgclf train --resume {run_dir.name} --epochs N (N > 2)" in stderr
+    assert stdout == "" and "Resuming" not in stderr
+    code, stdout, stderr = train_cli("--resume", run_dir.name, "--epochs", "2", "--json")
+    assert code == 0, stderr
+    assert "the settings given ask for 2" in stderr
+    summary = json.loads(stdout)
+    assert (summary["trained"], summary["epochs_run"], summary["run_id"]) == (False, 2, run_dir.name)
+
+    # Outputs made from the current best model, and a recorded best that any new epoch beats.
+    (run_dir / store.EXPORT_DIR).mkdir()
+    (run_dir / store.EXPORT_DIR / "model.tflite").write_bytes(b"made from the old best model")
+    (run_dir / store.EVAL_DIR / "val").mkdir(parents=True)
+    rows = store.read_history(run_dir)
+    store.write_history(run_dir, [row | {"val_accuracy": 0.0, "val_loss": 99.0} for row in rows])
+    code, stdout, stderr = train_cli("--resume", run_dir.name, "--epochs", "4")
+    assert code == 0, stderr
+    lines = stderr.splitlines()
+    replanned = "Learning-rate schedule re-planned for 4 epochs (it was for 2): epochs 3-4 go from "
+    assert lines[0] == f"Resuming {run_dir.name} from epoch 3 of 4", stderr
+    assert [line for line in lines if line.startswith(replanned)] == [lines[3]]  # after the header
+    history = store.read_history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [1, 2, 3, 4]
+    # Epoch 2 ended the 2-epoch cosine at its floor; epochs 3-4 anneal again instead of staying there.
+    assert history[2]["learning_rate"] > 10 * history[1]["learning_rate"]
+    assert history[3]["learning_rate"] == pytest.approx(history[1]["learning_rate"], rel=0.05)
+    assert store.read_meta(run_dir)["stale"] == ["eval", "export"]
+    assert (
+        "eval/ and export/ were made from the previous best model: "
+        f"re-run imgclf evaluate --run {run_dir.name} and imgclf export --run {run_dir.name}"
+    ) in " ".join(stderr.split())
+    assert "Run:" in stdout
+
+
+def test_resuming_a_completed_run_answers_before_tensorflow_loads(trained_run: dict) -> None:
+    run_dir: Path = trained_run["run_dir"]
+    argv = ["imgclf", "train", "--resume", run_dir.name, "--runs-dir", str(trained_run["runs_dir"])]
+    script = (
+        "import sys\n"
+        "from imgclf_cli.cli.app import main\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code or 0\n"
+        "print('tensorflow' in sys.modules, code)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.split() == ["False", "0"], completed.stderr
+    assert completed.stderr.startswith(f"Nothing to resume: run {run_dir.name} ")
+
+
+def test_progress_shows_time_left_and_speed() -> None:
+    from rich.console import Console
+
+    from imgclf_cli.cli.training_view import TrainingView
+    from imgclf_cli.training_events import EpochEnded, TrainingStarted
+
+    now = [100.0]
+    output = io.StringIO()
+    view = TrainingView(live=True, quiet=False, console=Console(file=output, width=110), clock=lambda: now[0])
+    # "Training ... validating on 733; run <this>" was 151 columns: it wrapped at 110.
+    run_dir = "/home/someone/projects/image-classifiers/runs/20261128-170000-imgclf-cnn-flowers"
+    view.on_training_start(
+        TrainingStarted(
+            run_id="20261128-170000-imgclf-cnn-flowers",
+            run_dir=run_dir,
+            model_name="imgclf-cnn",
+            num_classes=5,
+            num_train=2931,
+            num_val=733,
+            total_epochs=4,
+            initial_epoch=0,
+            steps_per_epoch=10,
+            batch_size=8,
+        )
+    )
+    assert output.getvalue().splitlines() == [
+        "Training imgclf-cnn on 2931 images (5 classes), validating on 733",
+        f"Run: {run_dir}",
+    ]
+
+    def bars() -> tuple[str, str]:
+        assert view.bars is not None
+        screen = Console(file=io.StringIO(), width=110)
+        screen.print(view.bars.get_renderable())
+        epochs, batches = screen.file.getvalue().splitlines()  # type: ignore[attr-defined]
+        return epochs, batches
+
+    view.on_epoch_start(1)
+    now[0] += 3.0  # the first step traces the model: not a measure of speed
+    view.on_batch_end(1, 1.0, 0.5)
+    assert "left" not in bars()[1] and "img/s" not in bars()[1]
+    for step in (2, 3):
+        now[0] += 0.4
+        view.on_batch_end(step, 1.0, 0.5)
+    epochs, batches = bars()
+    # 7 steps of 0.4 s left in this epoch; 8 images a step; then 3 epochs of 10 steps.
+    assert "3/10" in batches and "~3s left" in batches and "20 img/s" in batches
+    assert "0/4" in epochs and "~15s left" in epochs
+    now[0] += 2.8
+    view.on_epoch_end(EpochEnded(1, 4, 1.0, 0.5, 1.0, 0.5, 0.002, 6.0, True))
+    epochs, _ = bars()
+    assert "1/4" in epochs and "~18s left" in epochs and "6s/epoch" in epochs
+    view.on_finish()
+    assert view.bars is None

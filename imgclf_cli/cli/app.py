@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from imgclf_cli import __version__, quiet_logs
 from imgclf_cli.cli import evaluate, export, inspect_dataset, predict, train
@@ -44,6 +45,18 @@ app = typer.Typer(
 HELP_PARAMETER = inspect.Parameter(
     "show_help", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=HelpOption
 )
+
+
+class PlainUsageCommand(TyperCommand):
+    """A command whose usage line writes a required argument as ``DATA_DIR`` or ``PATH...``.
+
+    Typer writes ``{DATA_DIR}``: braces read as a placeholder, and beside the ``[DATA_DIR]`` of
+    an optional argument they spell one argument two ways.
+    """
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece for piece in pieces]
 
 
 def render_error(error: ImgclfError) -> None:
@@ -94,12 +107,18 @@ def root(
     """Turn a folder of images (one sub-folder per class) into a trained, evaluated, exported classifier."""
 
 
-app.command("train")(error_boundary(train.train_command))
-app.command("evaluate")(error_boundary(evaluate.evaluate_command))
-app.command("predict")(error_boundary(predict.predict_command))
-app.command("export")(error_boundary(export.export_command))
-app.command("export-tflite")(error_boundary(export.export_tflite_command))
-app.command("inspect-dataset")(error_boundary(inspect_dataset.inspect_dataset_command))
+# Each command's line in `imgclf --help`: Click would cut a longer first docstring line short
+# with "..." at 80 columns.
+COMMANDS = {
+    "train": (train.train_command, "Train a classifier on DATA_DIR, saved as a new run."),
+    "evaluate": (evaluate.evaluate_command, "Per-class metrics and confusion matrix of a run."),
+    "predict": (predict.predict_command, "Predict the class of images with a trained model."),
+    "export": (export.export_command, "Export a run (TFLite, SavedModel, ONNX) and verify it."),
+    "export-tflite": (export.export_tflite_command, "Export a run as TFLite and verify it."),
+    "inspect-dataset": (inspect_dataset.inspect_dataset_command, "Find what is wrong with a dataset."),
+}
+for command_name, (function, summary) in COMMANDS.items():
+    app.command(command_name, cls=PlainUsageCommand, short_help=summary)(error_boundary(function))
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def evaluate_command(
     ] = None,
     run: RunOption = "latest",
     runs_dir: RunsDirOption = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1, metavar="N")] = 64,
     json_output: JsonOption = False,
 ) -> None:
     """Evaluate a trained run: per-class precision, recall and F1, confusion matrix, calibration.
@@ -44,8 +44,9 @@ def evaluate_command(
 
     Example:
 
+    \b
         imgclf evaluate --run latest
-        imgclf evaluate path/to/labelled_images --run 20240501-101500-imgclf-cnn --json
+        imgclf evaluate labelled_images/ --run 20240501-101500-imgclf-cnn --json
     """
     from imgclf_cli.evaluation import evaluate
 

@@ -33,12 +33,12 @@ QuantizeOption = Annotated[
     typer.Option(
         "--quantize",
         "-q",
-        help="TFLite quantization (repeatable; implies TFLite): float32 = not quantized (also spelled none), "
-        "dynamic = int8 weights, float16 = float16 weights, "
-        "int8 = integer model calibrated on training images.",
-        show_default="float32",
+        help="TFLite quantization, repeatable, implies --tflite: float32 (the default: not quantized; "
+        "also spelled none), dynamic (int8 weights), float16 (float16 weights) or int8 (integer model "
+        "calibrated on training images).",
+        show_default=False,
         case_sensitive=False,
-        metavar="float32|dynamic|float16|int8",
+        metavar="MODE",
     ),
 ]
 SavedModelOption = Annotated[
@@ -51,7 +51,12 @@ AllFormatsOption = Annotated[
 OutputOption = Annotated[
     Path | None,
     typer.Option(
-        "--output", "-o", help="Folder for the artifacts.", file_okay=False, show_default="<run>/export/"
+        "--output",
+        "-o",
+        help="Folder for the artifacts. Default: RUN/export/.",
+        file_okay=False,
+        metavar="DIR",
+        show_default=False,
     ),
 ]
 VerifyOption = Annotated[
@@ -59,11 +64,16 @@ VerifyOption = Annotated[
     flag("--verify/--no-verify", help="Compare every artifact with the Keras model on validation images."),
 ]
 VerifyImagesOption = Annotated[
-    int, typer.Option("--verify-images", help="At most this many validation images for verification.", min=1)
+    int,
+    typer.Option(
+        "--verify-images", help="At most this many validation images for verification.", min=1, metavar="N"
+    ),
 ]
 CalibrationImagesOption = Annotated[
     int,
-    typer.Option("--calibration-images", help="Training images used to calibrate --quantize int8.", min=1),
+    typer.Option(
+        "--calibration-images", help="Training images used to calibrate --quantize int8.", min=1, metavar="N"
+    ),
 ]
 Int8IoOption = Annotated[
     bool, flag("--int8-io", help="With --quantize int8: uint8 input and output instead of float32.")
@@ -88,12 +98,13 @@ def export_command(
     """Export a trained run as TFLite, SavedModel (TF Serving) and ONNX, and verify each artifact.
 
     Artifacts carry the model's preprocessing and labels; they are written
-    to <run>/export/ unless --output. Each is compared with the Keras model
+    to RUN/export/ unless --output. Each is compared with the Keras model
     on validation images (top-1 agreement, probability difference, accuracy,
     size, latency); the exit code is 1 when one misses its threshold.
 
     Example:
 
+    \b
         imgclf export --tflite --quantize int8 --saved-model
     """
     from imgclf_cli.exporting import export_run
@@ -149,13 +160,14 @@ def export_tflite_command(
     """Export a trained run as TFLite (LiteRT) and verify it; the same as imgclf export --tflite.
 
     Writes model.tflite (float32), or one file per --quantize mode, with the
-    labels and input size inside, and labels.txt, to <run>/export/ unless
+    labels and input size inside, and labels.txt, to RUN/export/ unless
     --output. Every option of imgclf export applies: --saved-model, --onnx or
     --all add those formats. Each artifact is compared with the Keras model on
     validation images; the exit code is 1 when one misses its threshold.
 
     Example:
 
+    \b
         imgclf export-tflite --quantize int8
     """
     export_command(

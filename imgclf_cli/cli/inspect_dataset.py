@@ -65,6 +65,7 @@ def inspect_dataset_command(
             "Raise it to find more, lower it for fewer false matches.",
             min=0,
             max=MAX_HASH_DISTANCE,
+            metavar="BITS",
         ),
     ] = DEFAULT_HASH_DISTANCE,
 ) -> None:
@@ -77,6 +78,7 @@ def inspect_dataset_command(
 
     Example:
 
+    \b
         imgclf inspect-dataset flowers/ --report inspection/ --strict
     """
     from imgclf_cli.inspection import inspect_dataset

@@ -41,6 +41,7 @@ RunsDirOption = Annotated[
         "--runs-dir",
         help="Root of the run store (default: $IMGCLF_RUNS_DIR or ./runs).",
         file_okay=False,
+        metavar="DIR",
         show_default=False,
     ),
 ]

@@ -50,7 +50,7 @@ def predict_command(
         list[str],
         typer.Argument(
             help="Image files, folders (searched recursively) and glob patterns such as 'photos/**/*.jpg'.",
-            metavar="PATH",
+            metavar="PATH...",
             show_default=False,
         ),
     ],
@@ -70,6 +70,7 @@ def predict_command(
             help="A run folder, a .keras file, a SavedModel folder, a .tflite or an .onnx file "
             "(labels are read from beside it).",
             exists=True,
+            metavar="MODEL",
             show_default=False,
         ),
     ] = None,
@@ -77,7 +78,10 @@ def predict_command(
     top_k: Annotated[
         int,
         typer.Option(
-            "--top-k", help="How many classes to list per image (at most the number of classes).", min=1
+            "--top-k",
+            help="How many classes to list per image (at most the number of classes).",
+            min=1,
+            metavar="K",
         ),
     ] = 3,
     output_format: Annotated[
@@ -87,6 +91,7 @@ def predict_command(
             help="table, json (one array) or csv. "
             "Default: from the --output extension (.json, .csv), else table.",
             case_sensitive=False,
+            metavar="FORMAT",
             show_default=False,
         ),
     ] = None,
@@ -97,10 +102,11 @@ def predict_command(
             "-o",
             help="Write the results to this file instead of stdout.",
             dir_okay=False,
+            metavar="FILE",
             show_default=False,
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1, metavar="N")] = 32,
 ) -> None:
     """Predict the class of images with a trained model.
 
@@ -109,7 +115,9 @@ def predict_command(
 
     Example:
 
-        imgclf predict photos/ extra/*.jpg --top-k 2 --format json --output predictions.json
+    \b
+        imgclf predict photos/ extra/*.jpg --top-k 2
+        imgclf predict photos/ --model model.tflite --output predictions.json
     """
     from imgclf_cli.errors import UsageError
     from imgclf_cli.prediction import predict

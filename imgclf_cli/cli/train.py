@@ -8,9 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
+from imgclf_cli import store
 from imgclf_cli.cli.options import JsonOption, RunsDirOption, flag
-from imgclf_cli.console import err, make_table, out, print_json, print_skipped_files, progress_enabled
-from imgclf_cli.errors import DatasetError, UsageError
+from imgclf_cli.console import err, make_table, out, print_json, print_skipped_files, progress_enabled, warn
+from imgclf_cli.errors import DatasetError, TrainingInterrupted, UsageError
 from imgclf_cli.model_names import BACKBONE_NAMES, DEFAULT_MODEL
 
 SAMPLE_DATA = Path("sample_data")
@@ -29,7 +30,9 @@ def train_command(
     ] = None,
     config_file: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="YAML config file (see --print-config).", dir_okay=False),
+        typer.Option(
+            "--config", "-c", help="YAML config file (see --print-config).", dir_okay=False, metavar="FILE"
+        ),
     ] = None,
     overrides: Annotated[
         list[str] | None,
@@ -41,7 +44,7 @@ def train_command(
         ),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Maximum number of epochs.", min=1, show_default=False)
+        int | None, typer.Option(help="Maximum number of epochs.", min=1, metavar="N", show_default=False)
     ] = None,
     time_budget: Annotated[
         str | None,
@@ -54,28 +57,35 @@ def train_command(
         ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Images per batch.", min=1, show_default=False)
+        int | None, typer.Option(help="Images per batch.", min=1, metavar="N", show_default=False)
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Square input size in pixels.", min=8, max=4096, show_default=False)
+        int | None,
+        typer.Option(
+            help="Square input size in pixels.", min=8, max=4096, metavar="PIXELS", show_default=False
+        ),
     ] = None,
     model: Annotated[
         str | None,
         typer.Option(
             help=f"{DEFAULT_MODEL} (from scratch, fast on a CPU), or a keras.applications backbone: "
             f"{', '.join(BACKBONE_NAMES)}.",
+            metavar="NAME",
             show_default=False,
         ),
     ] = None,
     learning_rate: Annotated[
-        float | None, typer.Option(help="Peak learning rate.", min=0.0, show_default=False)
+        float | None, typer.Option(help="Peak learning rate.", min=0.0, metavar="RATE", show_default=False)
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed for the split, shuffling and initialisation.", show_default=False)
+        int | None,
+        typer.Option(
+            help="Seed for the split, shuffling and initialisation.", metavar="N", show_default=False
+        ),
     ] = None,
     runs_dir: RunsDirOption = None,
     name: Annotated[
-        str | None, typer.Option(help="A name appended to the run id.", show_default=False)
+        str | None, typer.Option(help="A name appended to the run id.", metavar="NAME", show_default=False)
     ] = None,
     resume: Annotated[
         str | None,
@@ -102,6 +112,7 @@ def train_command(
 
     Example:
 
+    \b
         imgclf train sample_data --epochs 10 --set train.label_smoothing=0.05
         imgclf train my_images --time 5m
     """
@@ -133,6 +144,27 @@ def train_command(
                 "No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES"
             )
         data_dir = SAMPLE_DATA
+    # TensorFlow takes seconds to load: a mistake in the config or the dataset's folders is
+    # reported before it does (train() checks them again, in milliseconds).
+    from imgclf_cli.config import resolve_config
+    from imgclf_cli.dataset_layout import check_dataset_folder
+
+    resolve_config(config_file, overrides, flags)
+    if resume is None:
+        check_dataset_folder(data_dir, min_classes=2)
+    else:
+        from imgclf_cli.resuming import find_resumable, nothing_to_resume
+
+        # A completed run asked for nothing more answers now, not after TensorFlow has loaded.
+        finished = nothing_to_resume(
+            find_resumable(resume, runs_dir), config_file, overrides, flags, runs_dir
+        )
+        if finished is not None:
+            err.print(finished.message, highlight=False, markup=False)
+            err.print(f"[dim]Hint:[/dim] {finished.hint}", highlight=False)
+            if json_output:
+                print_json(finished.result.to_dict())
+            return
 
     from imgclf_cli.cli.training_view import TrainingView
     from imgclf_cli.resources import seconds_since_process_start
@@ -141,17 +173,24 @@ def train_command(
     # The budget covers the whole command, start-up included.
     clock_start = time.monotonic() - seconds_since_process_start()
 
-    result = train(
-        data_dir=data_dir,
-        config_file=config_file,
-        overrides=overrides or [],
-        flags=flags,
-        runs_dir=runs_dir,
-        name=name,
-        resume=resume,
-        listener=TrainingView(live=progress_enabled(), quiet=json_output),
-        clock_start=clock_start,
-    )
+    try:
+        result = train(
+            data_dir=data_dir,
+            config_file=config_file,
+            overrides=overrides or [],
+            flags=flags,
+            runs_dir=runs_dir,
+            name=name,
+            resume=resume,
+            listener=TrainingView(live=progress_enabled(), quiet=json_output),
+            clock_start=clock_start,
+        )
+    except TrainingInterrupted as interrupted:
+        # Ctrl-C is the user's choice, not an error: say where the run stands and how to go on.
+        err.print(interrupted.message, highlight=False, markup=False)
+        if interrupted.hint:
+            err.print(interrupted.hint[:1].upper() + interrupted.hint[1:], highlight=False, markup=False)
+        raise typer.Exit(interrupted.exit_code) from None
     if json_output:
         print_json(result.to_dict())
         return
@@ -182,4 +221,14 @@ def train_command(
     )
     out.print(summary)
     out.print(f"Run: {result.run_dir}", highlight=False, markup=False)
+    if result.stale_outputs:
+        warn(stale_outputs_note(result.run_id, result.stale_outputs))
     err.print(f"Next: imgclf evaluate --run {result.run_id}", highlight=False)
+
+
+def stale_outputs_note(run_id: str, stale: list[str]) -> str:
+    """What to make again after a resumed training replaced the model ``stale`` were made from."""
+    folders = " and ".join(f"{name}/" for name in stale)
+    commands = " and ".join(f"{store.MODEL_OUTPUTS[name]} --run {run_id}" for name in stale)
+    made = "were" if len(stale) > 1 else "was"
+    return f"{folders} {made} made from the previous best model: re-run {commands}"

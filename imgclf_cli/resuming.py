@@ -1,0 +1,160 @@
+"""Resuming a run: which run, whether anything is left to train, and the run as it stands.
+
+``imgclf train --resume RUN`` asks these questions before TensorFlow loads, so that a completed
+run answers at once that there is nothing to resume instead of loading its model first;
+``train()`` asks them again, for callers from a notebook. Nothing here imports TensorFlow.
+
+A completed run is trained further only when asked for more: a number of epochs beyond those it
+ran (``--epochs``, or ``train.fine_tune_epochs`` after fine-tuning started), or a new time budget
+(``--time``; a resumed run always gets a new budget for its new session).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgclf_cli import store
+from imgclf_cli.config import given_keys, resolve_config
+from imgclf_cli.errors import DatasetError, RunNotFoundError
+from imgclf_cli.time_budget import format_duration
+from imgclf_cli.training_events import (
+    STOPPED_BY_EARLY_STOPPING,
+    STOPPED_BY_EPOCHS,
+    STOPPED_BY_TIME_BUDGET,
+    TrainingListener,
+    TrainResult,
+)
+
+if TYPE_CHECKING:
+    from imgclf_cli.dataset import SplitManifest
+
+# The keys that ask a completed run for more training.
+MORE_EPOCHS_KEYS = {"train.epochs", "train.fine_tune_epochs"}
+NEW_BUDGET_KEY = "train.time_budget"
+
+
+def resume_command(run_id: str, runs_dir: str | Path | None = None) -> str:
+    """The command line that resumes ``run_id`` (naming ``--runs-dir`` when one was given)."""
+    command = f"imgclf train --resume {run_id}"
+    return command + (f" --runs-dir {store.runs_root(runs_dir)}" if runs_dir else "")
+
+
+def find_resumable(reference: str, runs_dir: str | Path | None = None) -> Path:
+    """The run ``reference`` names (a run id, a folder, or ``latest``: the newest unfinished run
+    with a checkpoint)."""
+    if reference != "latest":
+        return store.resolve_run(reference, runs_dir)
+    root = store.runs_root(runs_dir)
+    candidates = [run for run in store.list_runs(root) if store.has_checkpoint(run)]
+    unfinished = [run for run in candidates if store.run_status(run) != store.STATUS_COMPLETED]
+    if not unfinished:
+        raise RunNotFoundError(f"No interrupted run to resume in {root}", "pass the run id: --resume RUN")
+    return unfinished[-1]
+
+
+def prepare_resume(run_dir: Path, listener: TrainingListener) -> tuple[dict[str, Any], SplitManifest]:
+    """The stored config values and split of ``run_dir``, once checked that it can go on."""
+    if not store.has_checkpoint(run_dir):
+        raise RunNotFoundError(
+            f"Run {run_dir.name} has no checkpoint to resume from (no completed epoch)",
+            "start a new run with imgclf train DATA_DIR",
+        )
+    stored = store.read_config_values(run_dir)
+    manifest = store.read_manifest(run_dir)
+    missing = [sample.path for sample in manifest.train[:50] if not Path(sample.path).exists()]
+    if missing:
+        raise DatasetError(
+            f"The dataset of run {run_dir.name} is gone or moved: {missing[0]} does not exist",
+            f"restore the images under {manifest.root}",
+        )
+    listener.on_status(f"Loading {run_dir.name} from its last checkpoint...")
+    return stored, manifest
+
+
+@dataclass(frozen=True)
+class NothingToResume:
+    """A completed run that ``--resume`` was not asked to train further."""
+
+    message: str
+    hint: str
+    result: TrainResult
+
+
+def planned_epochs(meta: dict[str, Any], epochs: int, fine_tune_epochs: int) -> int:
+    """The last epoch a run plans: ``train.epochs``, or after fine-tuning started, the head's
+    epochs and ``train.fine_tune_epochs`` (see ``imgclf_cli.fine_tuning``)."""
+    first_fine_tune_epoch = (meta.get("fine_tune") or {}).get("first_epoch")
+    if first_fine_tune_epoch is not None:
+        return int(first_fine_tune_epoch) - 1 + fine_tune_epochs
+    return epochs
+
+
+def nothing_to_resume(
+    run_dir: Path,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    runs_dir: str | Path | None = None,
+) -> NothingToResume | None:
+    """Why resuming ``run_dir`` with these settings would train nothing, or ``None`` when it would
+    (an unfinished run, or a completed one asked for more epochs or a new time budget)."""
+    meta = store.read_meta(run_dir)
+    if meta.get("status") != store.STATUS_COMPLETED:
+        return None
+    given = given_keys(config_file, overrides, flags)
+    if NEW_BUDGET_KEY in given:
+        return None
+    done = len(store.read_history(run_dir))
+    hint = (
+        f"to train it further, ask for more: {resume_command(run_dir.name, runs_dir)} "
+        f"--epochs N (N > {done}), or --time DURATION"
+    )
+    result = recorded_result(run_dir)
+    best = f"best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}"
+    if given & MORE_EPOCHS_KEYS:
+        config = resolve_config(config_file, overrides, flags, base=store.read_config_values(run_dir))
+        planned = planned_epochs(meta, config.train.epochs, config.train.fine_tune_epochs)
+        if planned > done:
+            return None
+        how = f"has run {done} epochs and the settings given ask for {planned}"
+    elif result.stopped_by == STOPPED_BY_EARLY_STOPPING:
+        how = f"stopped early after {done} epochs (validation had stopped improving)"
+    elif result.stopped_by == STOPPED_BY_TIME_BUDGET and result.time_budget:
+        how = f"used its {format_duration(result.time_budget)} time budget ({done} epochs)"
+    else:
+        how = f"completed all {done} epochs"
+    return NothingToResume(f"Nothing to resume: run {run_dir.name} {how}; {best}.", hint, result)
+
+
+def recorded_result(run_dir: Path, *, trained: bool = False) -> TrainResult:
+    """The summary of ``run_dir`` as its files record it (``train()`` returns the same)."""
+    meta = store.read_meta(run_dir)
+    manifest = store.read_manifest(run_dir)
+    skipped = list(meta.get("skipped_files") or [])
+    unreadable = {entry.get("path") for entry in skipped}
+    stopped_by = str(meta.get("stopped_by") or STOPPED_BY_EPOCHS)
+    budget = meta.get("time_budget")
+    return TrainResult(
+        run_id=run_dir.name,
+        run_dir=str(run_dir),
+        classes=list(manifest.classes),
+        num_train=sum(1 for sample in manifest.train if sample.path not in unreadable),
+        num_val=sum(1 for sample in manifest.val if sample.path not in unreadable),
+        num_test=len(manifest.test),
+        epochs_run=len(store.read_history(run_dir)),
+        best_epoch=int(meta.get("best_epoch") or 0),
+        val_accuracy=float(meta.get("val_accuracy", math.nan)),
+        val_loss=float(meta.get("val_loss", math.nan)),
+        train_seconds=float(meta.get("train_seconds") or 0.0),
+        skipped_files=skipped,
+        status=str(meta.get("status") or store.STATUS_COMPLETED),
+        model_path=str(store.best_model_file(run_dir)),
+        stopped_early=stopped_by == STOPPED_BY_EARLY_STOPPING,
+        time_budget=float(budget) if budget is not None else None,
+        stopped_by=stopped_by,
+        stale_outputs=store.stale_outputs(run_dir),
+        trained=trained,
+    )
