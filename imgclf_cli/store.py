@@ -93,10 +93,17 @@ def create_run_dir(root: Path, model_name: str, name: str | None = None) -> Path
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
-    """Write through ``write(temporary_path)`` then rename: readers never see half a file."""
+    """Write through ``write(temporary_path)``, flush it to disk, rename it into place and flush
+    the folder: readers never see half a file, and after a power cut the file is either the old
+    one or the whole new one (a rename alone may reach the disk before the data it names).
+
+    Temporaries are named ``.<stem>.<pid>.<random><suffix>``: one left behind by a writer that
+    died (``kill -9``, a crash) is removed by the next write to the same file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path)
     handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent
+        prefix=f".{path.stem}.{os.getpid()}.", suffix=suffix or path.suffix, dir=path.parent
     )
     os.close(handle)
     temporary_path = Path(temporary)
@@ -106,10 +113,39 @@ def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") ->
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary_path, 0o666 & ~umask)
+        fsync_path(temporary_path)
         os.replace(temporary_path, path)
+        fsync_path(path.parent)
     finally:
         if temporary_path.exists():
             temporary_path.unlink()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data to the disk (a folder: the names in it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_dead_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` whose writing process is gone (on this host)."""
+    for leftover in path.parent.glob(f".{path.stem}.*"):
+        writer = leftover.name[len(path.stem) + 2 :].split(".", 1)[0]
+        if writer.isdigit() and not process_alive(int(writer)):
+            leftover.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a pid this system cannot have: keep the file)
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -33,6 +33,42 @@ def test_run_dirs_are_unique_and_writes_atomic(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["file.json"]
 
 
+def test_a_write_reaches_the_disk_before_and_after_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        events.append("fsync " + ("folder" if os.path.isdir(f"/proc/self/fd/{descriptor}") else "file"))
+        real_fsync(descriptor)
+
+    def replace(source, destination) -> None:  # type: ignore[no-untyped-def]
+        events.append("rename")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store.atomic_write_json(tmp_path / "meta.json", {"status": "running"})
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert json.loads((tmp_path / "meta.json").read_text()) == {"status": "running"}
+
+
+def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    import os
+
+    dead = tmp_path / ".last.4194399.x1y2.keras"  # above Linux's largest pid: no such process
+    alive = tmp_path / f".last.{os.getpid()}.z3.keras"  # a write in progress: kept
+    other = tmp_path / ".best.4194399.q9.keras"  # another file's temporary: not this write's
+    for leftover in (dead, alive, other):
+        leftover.write_bytes(b"half a checkpoint")
+    store.atomic_write_text(tmp_path / "last.keras", "whole")
+    assert not dead.exists() and alive.exists() and other.exists()
+    assert (tmp_path / "last.keras").read_text() == "whole"
+
+
 @pytest.fixture
 def run_copy(trained_run: dict, tmp_path: Path) -> Path:
     run_dir = tmp_path / "runs" / trained_run["run_dir"].name
