@@ -45,6 +45,10 @@ class RunFileError(RunNotFoundError):
     """A file of a run folder that is missing or damaged (the message names it)."""
 
 
+class StoreError(ImgclfError):
+    """The run store cannot be written (read-only, full, no permission)."""
+
+
 class ModelError(ImgclfError):
     """A model that cannot be built or loaded (an unknown model name is a ``ConfigError``)."""
 

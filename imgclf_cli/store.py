@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgclf_cli.errors import RunFileError, RunNotFoundError
+from imgclf_cli.errors import RunFileError, RunNotFoundError, StoreError
 
 if TYPE_CHECKING:
     from imgclf_cli.config import Config
@@ -66,6 +66,25 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
     """``--runs-dir``, else ``$IMGCLF_RUNS_DIR``, else ``./runs``."""
     chosen = runs_dir or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR
     return Path(chosen).expanduser()
+
+
+def check_writable(root: Path) -> None:
+    """Fail now, in one line, if runs cannot be written under ``root`` (a read-only filesystem,
+    a full disk, no permission), rather than after TensorFlow has loaded or mid-training."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkstemp(prefix=f".write-check.{os.getpid()}.", dir=root)[1])
+        try:
+            probe.write_bytes(b"\0" * 4096)
+            fsync_path(probe)
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as error:
+        raise StoreError(
+            f"Cannot write runs to {root}: {error.strerror or error}",
+            "free some space, fix its permissions, or pass --runs-dir (or set IMGCLF_RUNS_DIR) "
+            "to a writable folder",
+        ) from None
 
 
 def slug(text: str) -> str:

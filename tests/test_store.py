@@ -69,6 +69,16 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path: Pat
     assert (tmp_path / "last.keras").read_text() == "whole"
 
 
+def test_an_unwritable_store_fails_before_training_in_one_line(tmp_path: Path, image_folders: Path) -> None:
+    occupied = tmp_path / "a-file"
+    occupied.write_text("not a folder")
+    result = runner.invoke(app, ["train", str(image_folders), "--runs-dir", str(occupied / "runs")])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"Error: Cannot write runs to {occupied / 'runs'}: Not a directory")
+    assert lines[1].startswith("Hint:") and "--runs-dir" in lines[1] and "Traceback" not in result.stderr
+
+
 @pytest.fixture
 def run_copy(trained_run: dict, tmp_path: Path) -> Path:
     run_dir = tmp_path / "runs" / trained_run["run_dir"].name

@@ -152,6 +152,9 @@ def train_command(
     resolve_config(config_file, overrides, flags)
     if resume is None:
         check_dataset_folder(data_dir, min_classes=2)
+        from imgclf_cli.store import check_writable, runs_root
+
+        check_writable(runs_root(runs_dir))
     else:
         from imgclf_cli.resuming import find_resumable, nothing_to_resume
 
