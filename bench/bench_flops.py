@@ -34,6 +34,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_train import tutorial_model  # noqa: E402 (after the path set-up; the tutorial CNN, defined once)
+
 PEAK_SHAPE = (32, 32, 32, 64)  # batch, height, width, channels in (= channels out)
 
 
@@ -92,29 +94,6 @@ def forward_flops(model) -> int:  # type: ignore[no-untyped-def]
         elif hasattr(layer, "layers"):
             total += forward_flops(layer)
     return total
-
-
-def tutorial_model(num_classes: int):  # type: ignore[no-untyped-def]
-    """The TensorFlow tutorial CNN (as in bench_train.py), on 180 px images."""
-    import keras
-    from keras import layers
-
-    return keras.Sequential(
-        [
-            keras.Input((180, 180, 3)),
-            layers.Rescaling(1.0 / 255),
-            layers.Conv2D(16, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(32, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(64, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dense(num_classes),
-        ],
-        name="tutorial_cnn",
-    )
 
 
 def imgclf_model(size: int, overrides: list[str]):  # type: ignore[no-untyped-def]
@@ -239,7 +218,6 @@ def main() -> None:
         useful = 3 * flops * speed
         print(f"{label:34s} {flops / 1e9:10.3f} {speed:7.0f} {useful / 1e9:8.1f} {useful / its_peak:8.0%}")
     if args.layers:
-        total = 0.0
         profile = layer_profile(model, args.batch)
         total = sum(seconds for _, seconds in profile)
         print(f"\nimgclf-cnn layers, forward+backward per batch of {args.batch} (sum {total * 1000:.0f} ms):")

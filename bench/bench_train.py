@@ -46,10 +46,32 @@ def link_split(samples, classes, target: Path) -> None:  # type: ignore[no-untyp
             link.symlink_to(sample.path)
 
 
+def tutorial_model(num_classes: int, image_size: tuple[int, int] = (180, 180)):  # type: ignore[no-untyped-def]
+    """The tutorial's CNN: three Conv2D/MaxPooling blocks (16, 32, 64 filters), Dense(128), logits."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input((*image_size, 3)),
+            layers.Rescaling(1.0 / 255),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(num_classes),
+        ],
+        name="tutorial_cnn",
+    )
+
+
 def run_tutorial(manifest, epochs: int, workdir: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
     import keras
     import tensorflow as tf
-    from keras import layers
 
     keras.utils.set_random_seed(123)
     started = time.perf_counter()
@@ -76,21 +98,7 @@ def run_tutorial(manifest, epochs: int, workdir: Path) -> dict[str, float]:  # t
     autotune = tf.data.AUTOTUNE
     train_ds = train_ds.cache().shuffle(1000).prefetch(buffer_size=autotune)
     val_ds = val_ds.cache().prefetch(buffer_size=autotune)
-    model = keras.Sequential(
-        [
-            keras.Input((*image_size, 3)),
-            layers.Rescaling(1.0 / 255),
-            layers.Conv2D(16, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(32, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(64, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dense(len(manifest.classes)),
-        ]
-    )
+    model = tutorial_model(len(manifest.classes), image_size)
     model.compile(
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

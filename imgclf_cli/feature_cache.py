@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from imgclf_cli.config import Config
+from imgclf_cli.models import sole_backbone
 
 
 @dataclass
@@ -35,10 +36,8 @@ class SplitModel:
 
 def frozen_backbone(model: keras.Model) -> keras.Model | None:
     """The frozen, fully inference-mode backbone inside ``model``, or ``None``."""
-    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if len(backbones) != 1 or backbones[0].trainable_weights:
-        return None
-    return backbones[0]
+    backbone = sole_backbone(model)
+    return None if backbone is None or backbone.trainable_weights else backbone
 
 
 def should_cache_features(config: Config, model: keras.Model, replicas: int) -> bool:

@@ -33,6 +33,7 @@ import tensorflow as tf
 from imgclf_cli import store
 from imgclf_cli.config import Config, time_budget_seconds
 from imgclf_cli.feature_cache import is_chain
+from imgclf_cli.models import sole_backbone, unfreeze_tail
 from imgclf_cli.time_budget import BudgetClock
 from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, current_learning_rate, fit_callbacks
 from imgclf_cli.training_events import FineTuneStarted, TrainingListener
@@ -87,12 +88,6 @@ class FineTuning:
         return clock.training_end() - clock.now() >= self.epoch_seconds
 
 
-def sole_backbone(model: keras.Model) -> keras.Model | None:
-    """The one nested model (the ``keras.applications`` backbone) in ``model``, or ``None``."""
-    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return backbones[0] if len(backbones) == 1 else None
-
-
 def plan_fine_tuning(
     config: Config, model: keras.Model, replicas: int, meta: dict[str, Any], resumed: bool
 ) -> FineTuning | None:
@@ -122,16 +117,6 @@ def plan_fine_tuning(
     plan.first_epoch = None if first_epoch is None else int(first_epoch)
     plan.tail_trainable = bool(backbone.trainable_weights)
     return plan
-
-
-def unfreeze_tail(backbone: keras.Model, count: int) -> None:
-    """Train the backbone's last ``count`` layers, BatchNorm excepted, as ``build_backbone`` does."""
-    tail = {id(layer) for layer in backbone.layers[-count:]}
-    backbone.trainable = True  # sets every layer; the loop below narrows it to the tail
-    for layer in backbone.layers:
-        # BatchNorm statistics stay frozen (a small dataset would wreck them); a BatchNorm
-        # layer that is not trainable also normalises with its moving statistics.
-        layer.trainable = id(layer) in tail and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def fine_tune_optimizer(

@@ -240,12 +240,24 @@ def build_backbone(name: str, config: Config) -> tuple[keras.Model, bool]:
     frozen = (weights is not None) if freeze == "auto" else freeze == "true"
     backbone.trainable = not frozen
     if frozen and config.model.fine_tune_layers > 0:
-        backbone.trainable = True
-        trainable_tail = backbone.layers[-config.model.fine_tune_layers :]
-        for layer in backbone.layers:
-            # BatchNorm statistics stay frozen: a small dataset would wreck them.
-            layer.trainable = layer in trainable_tail and not isinstance(layer, layers.BatchNormalization)
+        unfreeze_tail(backbone, config.model.fine_tune_layers)
     return backbone, frozen
+
+
+def unfreeze_tail(backbone: keras.Model, count: int) -> None:
+    """Train the backbone's last ``count`` layers, BatchNorm excepted."""
+    tail = {id(layer) for layer in backbone.layers[-count:]}
+    backbone.trainable = True  # sets every layer; the loop below narrows it to the tail
+    for layer in backbone.layers:
+        # BatchNorm statistics stay frozen (a small dataset would wreck them); a BatchNorm
+        # layer that is not trainable also normalises with its moving statistics.
+        layer.trainable = id(layer) in tail and not isinstance(layer, layers.BatchNormalization)
+
+
+def sole_backbone(model: keras.Model) -> keras.Model | None:
+    """The one nested model (the ``keras.applications`` backbone) in ``model``, or ``None``."""
+    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return backbones[0] if len(backbones) == 1 else None
 
 
 def build_model(config: Config, num_classes: int) -> keras.Model:

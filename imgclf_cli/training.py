@@ -41,8 +41,8 @@ from imgclf_cli.feature_cache import (
     should_cache_features,
     split_at_backbone,
 )
-from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two, sole_backbone
-from imgclf_cli.models import build_model, canonical_model_name, load_model
+from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
+from imgclf_cli.models import build_model, canonical_model_name, load_model, sole_backbone
 from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
 from imgclf_cli.resuming import (
     find_resumable,

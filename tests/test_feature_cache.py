@@ -144,8 +144,7 @@ def backbone_changes(model_path: Path, weights_file: Path) -> dict[str, bool]:
     the pretrained ones it started from."""
     import keras
 
-    from imgclf_cli.fine_tuning import sole_backbone
-    from imgclf_cli.models import BACKBONES, load_model
+    from imgclf_cli.models import BACKBONES, load_model, sole_backbone
 
     spec = BACKBONES[BACKBONE]
     pretrained = getattr(keras.applications, spec.constructor)(
@@ -171,8 +170,7 @@ def test_fine_tuning_follows_the_head_and_trains_only_the_backbone_tail(
 ) -> None:
     import keras
 
-    from imgclf_cli.fine_tuning import sole_backbone
-    from imgclf_cli.models import load_model
+    from imgclf_cli.models import load_model, sole_backbone
     from imgclf_cli.training_callbacks import TrainingState
 
     data = make_class_folders(tmp_path / "data", per_class=6)
