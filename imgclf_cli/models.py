@@ -154,19 +154,35 @@ def augmentation(config: AugmentConfig, seed: int) -> list[layers.Layer]:
     return stack
 
 
-def small_cnn_features(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
+# From this input size up, the stem is one 4x4 stride-4 convolution; below it, a 3x3 stride-2
+# convolution, a 3x3 convolution and a max-pool (also a quarter of the size, with more detail).
+# Measured: at 128 px the one-convolution stem trains 1.7x faster for the same accuracy per epoch;
+# at 32 px (sample_data, 12 epochs) it lost 10 points and saved little time (bench/README.md).
+PATCHIFY_STEM_MIN_SIZE = 96
+
+
+def small_cnn_features(x: keras.KerasTensor, width: int, input_size: int = 128) -> keras.KerasTensor:
     """A compact residual CNN (depthwise-separable, BatchNorm) that trains fast on a CPU.
 
-    Chosen by measurement (bench/README.md): the stem is one 4x4 convolution with stride 4
-    ("patchify", as in ConvNeXt) instead of two 3x3 convolutions and a max-pool. On a CPU the
-    full-resolution stem was the costliest part of a step (its convolution and two BatchNorms
-    over 64x64 maps, ~30% of the time); without it an epoch takes ~0.6 of the time for the same
-    accuracy per epoch, so more epochs fit in the same minutes.
+    Chosen by measurement (bench/README.md): for inputs of ``PATCHIFY_STEM_MIN_SIZE`` and up the
+    stem is one 4x4 convolution with stride 4 ("patchify", as in ConvNeXt) instead of two 3x3
+    convolutions and a max-pool. On a CPU the full-resolution stem was the costliest part of a
+    step at 128 px (its convolution and two BatchNorms over 64x64 maps, ~30% of the time);
+    without it an epoch takes ~0.6 of the time for the same accuracy per epoch.
     """
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
-    x = layers.Conv2D(width, 4, strides=4, padding="same", use_bias=False, name="stem")(x)
-    x = layers.BatchNormalization(momentum=0.9)(x)
-    x = layers.Activation("relu")(x)
+    if input_size >= PATCHIFY_STEM_MIN_SIZE:
+        x = layers.Conv2D(width, 4, strides=4, padding="same", use_bias=False, name="stem")(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("relu")(x)
+    else:
+        x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("relu")(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
     for index, filters in enumerate((width * 2, width * 4, width * 8)):
         shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
         shortcut = layers.BatchNormalization(momentum=0.9)(shortcut)
@@ -269,7 +285,7 @@ def build_model(config: Config, num_classes: int) -> keras.Model:
     for layer in augmentation(config.augment, config.seed):
         x = layer(x)
     if name == DEFAULT_MODEL:
-        x = small_cnn_features(x, config.model.width)
+        x = small_cnn_features(x, config.model.width, min(height, width))
     else:
         backbone, frozen = build_backbone(name, config)
         x = backbone_preprocessing(x, BACKBONES[name].preprocessing)
