@@ -21,17 +21,21 @@ when it is missing or damaged.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgclf_cli import liveness
 from imgclf_cli.errors import RunFileError, RunNotFoundError, StoreError
 
 if TYPE_CHECKING:
@@ -60,6 +64,11 @@ STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_FAILED = "failed"
+# Never written: what a reader calls a run recorded as running whose process is gone
+# (``imgclf_cli.liveness``).
+STATUS_CRASHED = "crashed"
+# The statuses --resume continues from (a completed run only when asked for more).
+RESUMABLE_STATUSES = (STATUS_CRASHED, STATUS_INTERRUPTED, STATUS_FAILED)
 
 
 def runs_root(runs_dir: str | Path | None = None) -> Path:
@@ -119,11 +128,14 @@ def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") ->
     Temporaries are named ``.<stem>.<pid>.<random><suffix>``: one left behind by a writer that
     died (``kill -9``, a crash) is removed by the next write to the same file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(path)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.{os.getpid()}.", suffix=suffix or path.suffix, dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.stem}.{os.getpid()}.", suffix=suffix or path.suffix, dir=path.parent
+        )
+    except OSError as error:
+        raise write_error(path, error) from None
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -135,9 +147,83 @@ def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") ->
         fsync_path(temporary_path)
         os.replace(temporary_path, path)
         fsync_path(path.parent)
+    except OSError as error:
+        raise write_error(path, error) from None
+    except Exception as error:
+        # Keras and h5py wrap a full disk in their own exceptions; the errno is in the chain.
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from None
     finally:
-        if temporary_path.exists():
-            temporary_path.unlink()
+        with contextlib.suppress(OSError):
+            temporary_path.unlink(missing_ok=True)
+
+
+class StoreWriteError(StoreError):
+    """A file of the store could not be written; ``errno`` says why (``ENOSPC``: a full disk)."""
+
+    def __init__(self, message: str, hint: str | None, errno_code: int | None, path: Path) -> None:
+        super().__init__(message, hint)
+        self.errno = errno_code
+        self.path = path
+
+
+def write_error(path: Path, error: OSError) -> StoreWriteError:
+    """One line for a write that failed: which file, why, what to do."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.errno == errno.ENOSPC:
+        hint = f"free some space on the disk holding {path.parent}, or write elsewhere (--runs-dir)"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = f"make {path.parent} writable, or write elsewhere (--runs-dir)"
+    else:
+        hint = "check the disk and the folder's permissions"
+    return StoreWriteError(f"Cannot write {path}: {reason}", hint, error.errno, path)
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The ``OSError`` with an errno that ``error`` was raised from, if any (or that it names:
+    h5py reports a full disk as a RuntimeError/OSError text with "errno = 28")."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        match = re.search(r"errno = (\d+)|\[Errno (\d+)\]", str(current))
+        if match:
+            code = int(match.group(1) or match.group(2))
+            return OSError(code, os.strerror(code))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock while writing its outputs: a second ``evaluate``/``export`` of the
+    same output folder waits (``on_wait`` tells it once) instead of mixing its files with ours.
+
+    An advisory ``flock`` on ``<folder>.lock``: the kernel releases it when the holder dies, so a
+    killed writer never leaves the folder locked.
+    """
+    import fcntl
+
+    lock_path = folder.parent / f".{folder.name}.lock"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise write_error(lock_path, error) from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def fsync_path(path: Path) -> None:
@@ -220,6 +306,49 @@ def run_status(run_dir: Path) -> str | None:
     except RunFileError:
         return None
     return str(status) if status is not None else None
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run's status as a reader should show it: ``crashed`` for a dead ``running`` one."""
+
+    status: str | None
+    last_seen: str | None = None
+    """For a crashed run: its last sign of life, as ``2026-11-28 18:40:12, 3 min ago``."""
+    epochs_completed: int = 0
+
+    def describe(self, run_id: str) -> str:
+        """``run X crashed after epoch 2 (last sign of life ...)``."""
+        epochs = (
+            f" after epoch {self.epochs_completed}"
+            if self.epochs_completed
+            else " before its first epoch ended"
+        )
+        if self.status == STATUS_CRASHED:
+            return f"run {run_id} crashed{epochs} (last sign of life {self.last_seen})"
+        if self.status in (STATUS_INTERRUPTED, STATUS_FAILED):
+            return f"run {run_id} was {self.status}{epochs}"
+        if self.status == STATUS_RUNNING:
+            return f"run {run_id} is still training"
+        return f"run {run_id} is {self.status or 'of unknown status'}"
+
+
+def run_state(run_dir: Path) -> RunState:
+    """The status of ``run_dir`` with liveness taken into account (``None``: meta.json missing or
+    damaged)."""
+    try:
+        meta = read_meta(run_dir)
+    except RunFileError:
+        return RunState(None)
+    status = meta.get("status")
+    epochs = int(meta.get("epochs_completed") or 0) if str(meta.get("epochs_completed", "0")).isdigit() else 0
+    if status != STATUS_RUNNING:
+        return RunState(str(status) if status is not None else None, epochs_completed=epochs)
+    process = meta.get("process")
+    state = liveness.liveness(run_dir, process if isinstance(process, dict) else None)
+    if state.alive:
+        return RunState(STATUS_RUNNING, epochs_completed=epochs)
+    return RunState(STATUS_CRASHED, state.last_seen_text(), epochs)
 
 
 def update_meta(run_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -314,6 +443,15 @@ def best_model_path(run_dir: Path) -> Path:
     """``best.keras``, which must exist (a run that completed at least one epoch)."""
     path = best_model_file(run_dir)
     if not path.is_file():
+        state = run_state(run_dir)
+        if state.status in (STATUS_CRASHED, STATUS_RUNNING, STATUS_INTERRUPTED, STATUS_FAILED):
+            described = state.describe(run_dir.name)
+            raise RunNotFoundError(
+                f"{described[0].upper()}{described[1:]}: it has no {BEST_MODEL_FILE} yet",
+                "use another run (--run RUN), or wait for its first epoch"
+                if state.status == STATUS_RUNNING
+                else f"resume it with imgclf train --resume {run_dir.name}, or use another run (--run RUN)",
+            )
         raise missing(path, "its training did not complete an epoch; use another run (--run RUN)")
     return path
 
@@ -378,6 +516,24 @@ def clear_stale(run_dir: Path, output: str) -> None:
         update_meta(run_dir, **{STALE_KEY: [name for name in stale if name != output]})
 
 
+def no_completed_run(root: Path, runs: list[Path]) -> RunNotFoundError:
+    """Why ``latest`` names no run, saying what became of the newest one."""
+    if not runs:
+        return RunNotFoundError(
+            f"No completed run in {root}",
+            "train one with `imgclf train DATA_DIR`, or point --runs-dir at your runs folder",
+        )
+    newest = runs[-1]
+    state = run_state(newest)
+    resumable = state.status in RESUMABLE_STATUSES and has_checkpoint(newest)
+    return RunNotFoundError(
+        f"No completed run in {root}; the newest, {state.describe(newest.name)}",
+        f"resume it with imgclf train --resume {newest.name}"
+        if resumable
+        else "train one with `imgclf train DATA_DIR`, or pass --run RUN",
+    )
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / META_FILE).is_file() or (path / LABELS_FILE).is_file()
 
@@ -395,12 +551,10 @@ def resolve_run(reference: str | Path | None, runs_dir: str | Path | None = None
     root = runs_root(runs_dir)
     reference = str(reference or "latest")
     if reference == "latest":
-        completed = [run for run in list_runs(root) if run_status(run) == STATUS_COMPLETED]
+        runs = list_runs(root)
+        completed = [run for run in runs if run_status(run) == STATUS_COMPLETED]
         if not completed:
-            raise RunNotFoundError(
-                f"No completed run in {root}",
-                "train one with `imgclf train DATA_DIR`, or point --runs-dir at your runs folder",
-            )
+            raise no_completed_run(root, runs)
         return completed[-1]
     as_path = Path(reference).expanduser()
     if as_path.is_dir() and is_run_dir(as_path):
