@@ -84,6 +84,8 @@ class TrainConfig:
     """auto: tf.distribute.MirroredStrategy when more than one GPU is present."""
     cache_features: Literal["auto", "false"] = "auto"
     """auto: with a frozen pretrained backbone, compute its features once and train the head on them (then fine_tune_epochs on images when model.fine_tune_layers > 0); false: run the backbone every epoch."""  # noqa: E501 (one line: it is the --print-config comment)
+    checkpoint_every: str = "epoch"
+    """How often last.keras is saved: epoch (each epoch's end, and within an epoch at least every 10 minutes), <N>steps, or a duration (5m): what a crash can cost at most."""  # noqa: E501 (one line: it is the --print-config comment)
     fine_tune_epochs: int = 3
     """With cache_features auto and model.fine_tune_layers > 0: epochs that then train those layers on images, at a tenth of the learning rate (0: none)."""  # noqa: E501 (one line: it is the --print-config comment)
 
@@ -312,6 +314,11 @@ def validate(config: Config) -> None:
         (config.train.warmup_epochs >= 0, "train.warmup_epochs", "0 or more"),
         (config.train.fine_tune_epochs >= 0, "train.fine_tune_epochs", "0 or more"),
         (
+            valid_checkpoint_every(config.train.checkpoint_every),
+            "train.checkpoint_every",
+            "epoch, a number of steps (50steps) or a duration (5m)",
+        ),
+        (
             valid_time_budget(config.train.time_budget),
             "train.time_budget",
             "none or a duration: 90s, 5m, 1.5h",
@@ -321,6 +328,12 @@ def validate(config: Config) -> None:
         if not ok:
             raise ConfigError(f"Config key '{key}' expects {expected}, got {lookup(config, key)!r}")
     canonical_model_name(config.model.name)
+
+
+def valid_checkpoint_every(text: str) -> bool:
+    from imgclf_cli.checkpointing import valid_checkpoint_every as valid
+
+    return valid(str(text))
 
 
 def valid_time_budget(text: str) -> bool:

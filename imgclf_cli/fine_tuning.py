@@ -191,6 +191,8 @@ class PhaseTwo:
     time_keeper: TimeBudget | None = None
     skipped: bool = False
     """The time budget left could not hold one fine-tune epoch."""
+    resumed: bool = False
+    """Continued from a phase-2 checkpoint (its stream and position come from it)."""
 
 
 def prepare_phase_two(
@@ -213,7 +215,9 @@ def prepare_phase_two(
     """
     done = len(recorder.state.history)
     first_epoch = plan.first_epoch if plan.first_epoch is not None else done + 1
-    phase = PhaseTwo(initial_epoch=done, last_epoch=first_epoch - 1 + plan.epochs)
+    phase = PhaseTwo(
+        initial_epoch=done, last_epoch=first_epoch - 1 + plan.epochs, resumed=plan.tail_trainable
+    )
     if done >= phase.last_epoch:
         return phase
     # Its own clock: epochs here are far slower than on cached features, so phase 1's

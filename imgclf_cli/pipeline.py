@@ -63,12 +63,14 @@ def make_dataset(
     cache_name: str = "data",
     one_hot: bool = True,
     drop_remainder: bool = False,
+    skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """Batches of ``(uint8 images, labels)``; the model rescales and augments them itself.
 
     ``cache``: ``memory``, ``disk`` (needs ``cache_dir``), ``none`` or ``auto``.
     Training datasets (``training=True``) reshuffle and repeat forever in full batches: the
-    caller gives ``fit`` a number of steps per epoch. Evaluation datasets keep the order of
+    caller gives ``fit`` a number of steps per epoch; ``skip_batches`` starts the stream where
+    an earlier one stopped (a resumed run continues in the same order). Evaluation datasets keep the order of
     ``samples`` and end after one pass.
     """
     height, width = image_size
@@ -119,6 +121,10 @@ def make_dataset(
         # than one per epoch, and a single batch shape means a single trace of the train step.
         # (repeat() of a stream with no decodable image ends instead of spinning.)
         dataset = dataset.repeat()
+        # The order is fixed by the seed alone, so skipping the images already trained on puts
+        # a resumed stream exactly where the interrupted one was (batch boundaries included).
+        if skip_batches:
+            dataset = dataset.skip(skip_batches * batch_size)
         drop_remainder = True
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if one_hot:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgclf_cli import store
+from imgclf_cli.checkpointing import PREVIOUS_CHECKPOINT_FILE, ResumePoint, choose_checkpoint
 from imgclf_cli.config import given_keys, resolve_config
 from imgclf_cli.errors import DatasetError, RunNotFoundError
+from imgclf_cli.liveness import LOCK_FILE, RunBusyError, read_owner
 from imgclf_cli.time_budget import format_duration
 from imgclf_cli.training_events import (
     STOPPED_BY_EARLY_STOPPING,
@@ -43,21 +45,68 @@ def resume_command(run_id: str, runs_dir: str | Path | None = None) -> str:
 
 
 def find_resumable(reference: str, runs_dir: str | Path | None = None) -> Path:
-    """The run ``reference`` names (a run id, a folder, or ``latest``: the newest unfinished run
-    with a checkpoint)."""
+    """The run ``reference`` names (a run id, a folder, or ``latest``: the newest crashed,
+    interrupted or failed run with a checkpoint). A run still training is refused."""
     if reference != "latest":
-        return store.resolve_run(reference, runs_dir)
+        run_dir = store.resolve_run(reference, runs_dir)
+        state = store.run_state(run_dir)
+        if state.status == store.STATUS_RUNNING:
+            owner = liveness_owner(run_dir)
+            raise RunBusyError(
+                f"Run {run_dir.name} is being trained right now{owner}",
+                "wait for it to finish, or stop that process first (Ctrl-C keeps the run resumable)",
+            )
+        return run_dir
     root = store.runs_root(runs_dir)
     candidates = [run for run in store.list_runs(root) if store.has_checkpoint(run)]
-    unfinished = [run for run in candidates if store.run_status(run) != store.STATUS_COMPLETED]
+    unfinished = [run for run in candidates if store.run_state(run).status in store.RESUMABLE_STATUSES]
     if not unfinished:
-        raise RunNotFoundError(f"No interrupted run to resume in {root}", "pass the run id: --resume RUN")
+        raise RunNotFoundError(
+            f"No crashed, interrupted or failed run to resume in {root}", "pass the run id: --resume RUN"
+        )
     return unfinished[-1]
+
+
+def liveness_owner(run_dir: Path) -> str:
+    """`` by process 123 on host``, when the run's lock file names its trainer."""
+    owner = read_owner(run_dir / LOCK_FILE)
+    return f" by process {owner['pid']} on {owner.get('host', '?')}" if owner.get("pid") else ""
+
+
+def choose_resume_point(
+    run_dir: Path, listener: TrainingListener
+) -> tuple[ResumePoint, list[dict[str, float]]]:
+    """The checkpoint to resume from (``last.keras``, else ``previous.keras``) and the history
+    that goes with it.
+
+    The checkpoint is the record of where training stood: an epoch whose checkpoint was written
+    but not its history row (a crash in between) gets its row back from the checkpoint, and
+    epochs after an older checkpoint (``previous.keras``) are dropped from the history, to be
+    trained again.
+    """
+    point = choose_checkpoint(run_dir, store.last_checkpoint_path(run_dir))
+    if point.note:
+        listener.on_warning(point.note)
+    history = store.read_history(run_dir)
+    position = point.position
+    if position is None:
+        return point, history
+    if len(history) == position.epoch - 1 and position.row is not None:
+        history = [*history, position.row]
+        store.write_history(run_dir, history)
+    elif len(history) > position.epoch:
+        listener.on_warning(
+            f"Epochs {position.epoch + 1}-{len(history)} are trained again: "
+            "the checkpoint resumed from was saved before them"
+        )
+        history = history[: position.epoch]
+        store.write_history(run_dir, history)
+    return point, history
 
 
 def prepare_resume(run_dir: Path, listener: TrainingListener) -> tuple[dict[str, Any], SplitManifest]:
     """The stored config values and split of ``run_dir``, once checked that it can go on."""
-    if not store.has_checkpoint(run_dir):
+    if not store.has_checkpoint(run_dir) and not (run_dir / PREVIOUS_CHECKPOINT_FILE).is_file():
         raise RunNotFoundError(
             f"Run {run_dir.name} has no checkpoint to resume from (no completed epoch)",
             "start a new run with imgclf train DATA_DIR",

@@ -15,8 +15,6 @@ import math
 import platform
 import shutil
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from imgclf_cli import __version__, store
+from imgclf_cli.checkpointing import ResumePoint, parse_checkpoint_every
 from imgclf_cli.config import Config, given_keys, resolve_config, time_budget_seconds
 from imgclf_cli.dataset import (
     DatasetScan,
@@ -42,9 +41,12 @@ from imgclf_cli.feature_cache import (
     split_at_backbone,
 )
 from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
+from imgclf_cli.fitting import TrainingData, build_before_tracing, fit_from, stopped_reason
+from imgclf_cli.liveness import TrainingLock, current_owner
 from imgclf_cli.models import build_model, canonical_model_name, load_model, sole_backbone
 from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
 from imgclf_cli.resuming import (
+    choose_resume_point,
     find_resumable,
     nothing_to_resume,
     prepare_resume,
@@ -52,9 +54,8 @@ from imgclf_cli.resuming import (
     resume_command,
 )
 from imgclf_cli.time_budget import BudgetClock
-from imgclf_cli.training_callbacks import RunRecorder, TimeBudget, TrainingState, fit_callbacks
+from imgclf_cli.training_callbacks import RunRecorder, TrainingState, fit_callbacks, restore_random_states
 from imgclf_cli.training_events import (
-    STOPPED_BY_EARLY_STOPPING,
     STOPPED_BY_EPOCHS,
     STOPPED_BY_INTERRUPT,
     STOPPED_BY_TIME_BUDGET,
@@ -98,6 +99,7 @@ def prepare_new_run(
     runs_dir: str | Path | None,
     name: str | None,
     listener: TrainingListener,
+    held: contextlib.ExitStack,
 ) -> tuple[Path, SplitManifest, DatasetScan]:
     started = time.perf_counter()
     listener.on_status("Scanning images...")
@@ -106,6 +108,7 @@ def prepare_new_run(
     config.resolve_image_size(scan.median_short_side)
     model_name = canonical_model_name(config.model.name)
     run_dir = store.create_run_dir(store.runs_root(runs_dir), model_name, name)
+    held.enter_context(TrainingLock(run_dir))
     store.write_config(run_dir, config)
     store.write_labels(run_dir, manifest.classes)
     store.write_manifest(run_dir, manifest)
@@ -134,17 +137,6 @@ def prepare_new_run(
     return run_dir, manifest, scan
 
 
-@dataclass
-class TrainingData:
-    """The training and validation streams, and how many steps make an epoch."""
-
-    train: tf.data.Dataset
-    val: tf.data.Dataset
-    steps_per_epoch: int
-    batch_size: int = 0
-    """Images per training step."""
-
-
 def pipeline_settings(
     config: Config,
     manifest: SplitManifest,
@@ -171,7 +163,10 @@ def make_training_data(
     failures: DecodeFailures,
     cache_dir: Path,
     listener: TrainingListener,
+    skip_batches: int = 0,
+    cache_name: str = "train",
 ) -> TrainingData:
+    """The streams of a run; the training one skips its first ``skip_batches`` (a resume)."""
     common = pipeline_settings(config, manifest, failures, cache=config.data.cache, cache_dir=cache_dir)
     # Under MirroredStrategy a batch split unevenly across replicas fails inside Keras (AddN
     # of mismatched shapes): every batch must be a multiple of the number of replicas.
@@ -181,7 +176,9 @@ def make_training_data(
         val_batch = max(replicas, min(train_batch, len(manifest.val) // replicas * replicas))
         common["batch_size"] = train_batch
     # Training batches are always full (see make_dataset), as MirroredStrategy needs.
-    train_data = make_dataset(manifest.train, training=True, cache_name="train", **common)
+    train_data = make_dataset(
+        manifest.train, training=True, cache_name=cache_name, skip_batches=skip_batches, **common
+    )
     steps_per_epoch = max(1, math.ceil(len(manifest.train) / common["batch_size"]))
     if replicas > 1:
         common["batch_size"] = val_batch
@@ -194,7 +191,7 @@ def make_training_data(
     val_data = make_dataset(
         manifest.val, training=False, cache_name="val", drop_remainder=replicas > 1, **common
     )
-    return TrainingData(train_data, val_data, steps_per_epoch, common["batch_size"])
+    return TrainingData(train_data, val_data, steps_per_epoch, common["batch_size"], skip_batches)
 
 
 def train(
@@ -224,10 +221,23 @@ def train(
     """
     listener = listener or TrainingListener()
     clock_start = time.monotonic() if clock_start is None else clock_start
+    # The run's training lock (and heartbeat), released however training ends.
+    held = contextlib.ExitStack()
     try:
-        return train_run(
-            data_dir, config, config_file, overrides, flags, runs_dir, name, resume, listener, clock_start
-        )
+        with held:
+            return train_run(
+                data_dir,
+                config,
+                config_file,
+                overrides,
+                flags,
+                runs_dir,
+                name,
+                resume,
+                listener,
+                clock_start,
+                held,
+            )
     finally:
         listener.on_finish()
 
@@ -243,6 +253,7 @@ def train_run(
     resume: str | None,
     listener: TrainingListener,
     clock_start: float,
+    held: contextlib.ExitStack,
 ) -> TrainResult:
     # A Config object is taken as given whole; otherwise train.epochs caps a time budget only
     # when the user set it.
@@ -251,18 +262,21 @@ def train_run(
     # Likewise early stopping under a time budget: the schedule follows the clock, and a plateau
     # at a high learning rate is not the end (the decay gains most), so the time decides.
     patience_given = config is not None or "train.early_stopping_patience" in given
+    resume_point: ResumePoint | None = None
     if resume:
         run_dir = find_resumable(resume, runs_dir)
         finished = nothing_to_resume(run_dir, config_file, overrides, flags, runs_dir)
         if finished is not None:
             listener.on_info(finished.message)
             return finished.result
+        held.enter_context(TrainingLock(run_dir))
         stored, manifest = prepare_resume(run_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)
+        resume_point, history = choose_resume_point(run_dir, listener)
         meta = store.read_meta(run_dir)
         skipped = list(meta.get("skipped_files", []))
         fine_tune_start = (meta.get("fine_tune") or {}).get("first_epoch")
-        state = TrainingState.from_history(store.read_history(run_dir), fine_tune_start)
+        state = TrainingState.from_history(history, fine_tune_start)
         if meta.get("status") == store.STATUS_COMPLETED:
             # Asked to train a completed run further: the new epochs get their own patience.
             state.restart_patience()
@@ -271,12 +285,16 @@ def train_run(
             raise DatasetError("No dataset folder given", "pass DATA_DIR")
         config = config or resolve_config(config_file, overrides, flags)
         canonical_model_name(config.model.name)  # fail on a typo before scanning
-        run_dir, manifest, scan = prepare_new_run(data_dir, config, runs_dir, name, listener)
+        run_dir, manifest, scan = prepare_new_run(data_dir, config, runs_dir, name, listener, held)
         skipped = skipped_as_dicts(scan.skipped)
         state = TrainingState()
 
     initial_epoch = len(state.history)
-    keras.utils.set_random_seed(config.seed + initial_epoch)
+    # The seed alone fixes the data order: a resumed stream skips what was trained on, rather
+    # than reseeding (see imgclf_cli.fitting).
+    keras.utils.set_random_seed(config.seed)
+    position = resume_point.position if resume_point is not None else None
+    image_position = position if position is not None and position.images else None
     policy = configure_precision(config)
     strategy = choose_strategy(config)
     failures = DecodeFailures()
@@ -284,14 +302,23 @@ def train_run(
     # A disk cache left by an interrupted run is incomplete (and locked): start it afresh.
     shutil.rmtree(cache_dir, ignore_errors=True)
     num_classes = len(manifest.classes)
-    data = make_training_data(config, manifest, strategy.num_replicas_in_sync, failures, cache_dir, listener)
+    replicas = strategy.num_replicas_in_sync
+
+    def training_data(skip_batches: int, cache_name: str = "train") -> TrainingData:
+        return make_training_data(
+            config, manifest, replicas, failures, cache_dir, listener, skip_batches, cache_name
+        )
+
+    data = training_data(image_position.stream_batches if image_position else 0)
     budget = time_budget_seconds(config)
     max_epochs = config.train.epochs if budget is None or epochs_given else None
     fit_epochs = max_epochs or initial_epoch + UNLIMITED_EPOCHS
 
     with strategy.scope():
-        if initial_epoch:
-            model = load_model(store.last_checkpoint_path(run_dir), compile=True)
+        if resume_point is not None:
+            model = load_model(resume_point.path, compile=True)
+            if position is not None and not restore_random_states(model, position.random_states):
+                listener.on_info("Note: dropout and augmentation draw new random numbers from here on")
         else:
             model = build_model(config, num_classes)
             model.compile(
@@ -308,7 +335,6 @@ def train_run(
     store.write_config(run_dir, decided)
     # The same architecture, never compiled: what best.keras holds (see RunRecorder).
     deployment_model = type(model).from_config(model.get_config())
-    replicas = strategy.num_replicas_in_sync
     # Two phases, head then backbone (imgclf_cli.fine_tuning): this freezes a new run's backbone.
     fine_tuning = plan_fine_tuning(config, model, replicas, store.read_meta(run_dir), bool(initial_epoch))
     fit_model, fit_data = model, data
@@ -335,6 +361,7 @@ def train_run(
     store.update_meta(
         run_dir,
         status=store.STATUS_RUNNING,
+        process=current_owner(),
         precision_policy=policy,
         strategy=type(strategy).__name__,
         num_replicas=strategy.num_replicas_in_sync,
@@ -360,6 +387,8 @@ def train_run(
         listener,
         clock,
         checkpoint_model=model,
+        checkpoint_every=parse_checkpoint_every(config.train.checkpoint_every),
+        steps_per_epoch=fit_data.steps_per_epoch,
     )
     plateau = config.train.lr_schedule == "plateau"
     callbacks, time_keeper = fit_callbacks(
@@ -396,7 +425,19 @@ def train_run(
     stopped_by = STOPPED_BY_EPOCHS
     try:
         if initial_epoch < fit_epochs:
-            fit_quietly(fit_model, fit_data, fit_epochs, initial_epoch, callbacks, class_weight)
+            on_images = fit_model is model
+            fit_from(
+                fit_model,
+                fit_data,
+                fit_epochs,
+                initial_epoch,
+                callbacks,
+                class_weight,
+                recorder,
+                on_images,
+                image_position if on_images else None,
+                lambda skip: training_data(skip, "train-rest"),
+            )
             stopped_by = stopped_reason(recorder, time_keeper)
         if fine_tuning is not None and fine_tuning.epochs and state.history and not recorder.empty_split:
             phase = prepare_phase_two(
@@ -416,7 +457,20 @@ def train_run(
             elif phase.callbacks:
                 with strategy.scope():
                     build_before_tracing(model, data.train)
-                fit_quietly(model, data, phase.last_epoch, phase.initial_epoch, phase.callbacks, class_weight)
+                # Resumed within phase 2: its stream and position come from the checkpoint.
+                phase_data = data if phase.resumed else training_data(0, "train-fine-tune")
+                fit_from(
+                    model,
+                    phase_data,
+                    phase.last_epoch,
+                    phase.initial_epoch,
+                    phase.callbacks,
+                    class_weight,
+                    recorder,
+                    True,
+                    image_position if phase.resumed else None,
+                    lambda skip: training_data(skip, "train-rest"),
+                )
                 stopped_by = stopped_reason(recorder, phase.time_keeper)
     except KeyboardInterrupt:
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -429,8 +483,13 @@ def train_run(
         else:
             message = "Interrupted before the first epoch ended: there is nothing to resume"
         raise TrainingInterrupted(message, f"the run is kept in {run_dir}") from None
-    except BaseException:
-        finish_run(run_dir, state, store.STATUS_FAILED, seconds_so_far(), skipped, listener)
+    except BaseException as error:
+        # Recorded when the disk allows (a full one may refuse even this small write).
+        with contextlib.suppress(Exception):
+            store.update_meta(run_dir, failure=failure_reason(error))
+            finish_run(run_dir, state, store.STATUS_FAILED, seconds_so_far(), skipped, listener)
+        if isinstance(error, store.StoreWriteError):
+            raise failed_to_write(error, run_dir, state, runs_dir) from None
         raise
     train_seconds = seconds_so_far()
     all_skipped = skipped + skipped_as_dicts(failures.entries())
@@ -449,42 +508,6 @@ def train_run(
     store.update_meta(run_dir, time_budget=budget, stopped_by=stopped_by)
     finish_run(run_dir, state, store.STATUS_COMPLETED, train_seconds, all_skipped, listener)
     return recorded_result(run_dir, trained=True)
-
-
-def fit_quietly(
-    model: keras.Model,
-    data: TrainingData,
-    epochs: int,
-    initial_epoch: int,
-    callbacks: list[keras.callbacks.Callback],
-    class_weight: dict[int, float] | None,
-) -> None:
-    """``model.fit`` from ``initial_epoch`` to ``epochs`` (0-based, as Keras counts), reporting
-    only through ``callbacks``."""
-    with warnings.catch_warnings():
-        # Undecodable files are filtered out of the validation stream, so Keras cannot know
-        # its number of batches in advance and warns about it; that is expected here.
-        warnings.filterwarnings("ignore", message=".*ran out of data.*")
-        warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-        model.fit(
-            data.train,
-            validation_data=data.val,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=data.steps_per_epoch,
-            class_weight=class_weight,
-            callbacks=callbacks,
-            verbose=0,
-        )
-
-
-def stopped_reason(recorder: RunRecorder, time_keeper: TimeBudget | None) -> str:
-    """What ended the last ``fit``: early stopping, the time budget or its number of epochs."""
-    if recorder.stopped_early:
-        return STOPPED_BY_EARLY_STOPPING
-    if time_keeper is not None and time_keeper.stopped:
-        return STOPPED_BY_TIME_BUDGET
-    return STOPPED_BY_EPOCHS
 
 
 def head_on_cached_features(
@@ -516,18 +539,25 @@ def head_on_cached_features(
     return split.head, TrainingData(train_data, val_data, steps, min(config.data.batch_size, len(train[0])))
 
 
-def build_before_tracing(model: keras.Model, train_data: tf.data.Dataset) -> None:
-    """Create the optimizer slots and metric variables before ``fit`` traces its train step.
+def failure_reason(error: BaseException) -> str:
+    lines = str(getattr(error, "message", None) or error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
-    Outside a tf.distribute strategy Keras creates them during the first trace, and a
-    tf.function that creates variables is traced twice: for imgclf-cnn on 2 CPU cores that
-    was ~3 s more start-up, mostly tracing the optimizer update (Keras does this very build
-    itself when a strategy is in scope). Only a speed-up: skipped if Keras changes its API.
-    """
-    with contextlib.suppress(AttributeError, TypeError):
-        model._symbolic_build(data_batch=train_data.element_spec)
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
+
+def failed_to_write(
+    error: store.StoreWriteError, run_dir: Path, state: TrainingState, runs_dir: str | Path | None
+) -> store.StoreWriteError:
+    """The write error, saying what of the run is safe and how to go on."""
+    kept = (
+        f"the run is marked failed; its last checkpoint (epoch {len(state.history)}) is intact"
+        if state.history
+        else "the run is marked failed before its first epoch ended"
+    )
+    go_on = f"resume with {resume_command(run_dir.name, runs_dir)}" if state.history else "train again"
+    return store.StoreWriteError(
+        error.message, f"{kept}; {error.hint}, then {go_on}", error.errno, error.path
+    )
 
 
 def finish_run(

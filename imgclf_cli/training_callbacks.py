@@ -9,13 +9,22 @@ stops training when a ``--time`` budget's training share is spent. Both report t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from imgclf_cli import store
+from imgclf_cli.checkpointing import (
+    PREVIOUS_CHECKPOINT_FILE,
+    CheckpointEvery,
+    CheckpointPosition,
+    add_position,
+    position_summary,
+)
 from imgclf_cli.time_budget import BudgetClock, TimePlan
 from imgclf_cli.training_events import EpochEnded, TrainingListener
 from imgclf_cli.training_recipe import ProgressCosine
@@ -79,6 +88,75 @@ def save_model_atomically(model: keras.Model, path: Path) -> None:
     store.atomic_write(path, lambda temporary: model.save(temporary), suffix=".keras")
 
 
+def save_checkpoint(model: keras.Model, run_dir: Path, position: CheckpointPosition) -> None:
+    """``last.keras`` with ``position`` inside; the one it replaces becomes ``previous.keras``.
+
+    The old previous is removed first, so the disk holds at most two checkpoints and the one
+    being written; until the final rename, ``last.keras`` is the intact one before it.
+    """
+    last = store.last_checkpoint_path(run_dir)
+    previous = run_dir / PREVIOUS_CHECKPOINT_FILE
+
+    def write(temporary: Path) -> None:
+        model.save(temporary)
+        add_position(temporary, position)
+        if last.is_file():
+            os.replace(last, previous)
+
+    if last.is_file():
+        try:
+            previous.unlink(missing_ok=True)
+        except OSError as error:
+            raise store.write_error(previous, error) from None
+    store.atomic_write(last, write, suffix=".keras")
+
+
+def metric_states(model: keras.Model) -> list[list[float]]:
+    """The running state of ``model``'s metrics (the epoch's loss and accuracy means so far)."""
+    return [
+        [float(value) for value in np.ravel(keras.ops.convert_to_numpy(variable))]
+        for metric in model.metrics
+        for variable in metric.variables
+    ]
+
+
+def random_states(model: keras.Model) -> list[list[int]]:
+    """The states of ``model``'s random generators (dropout, augmentation layers), which a
+    Keras model file does not keep: saved with them, a resumed run draws the same masks, flips
+    and rotations as the uninterrupted one would have."""
+    return [
+        [int(value) for value in np.ravel(keras.ops.convert_to_numpy(variable))]
+        for variable in seed_variables(model)
+    ]
+
+
+def restore_random_states(model: keras.Model, states: list[list[int]]) -> bool:
+    """Put back what ``random_states`` saved; ``False`` (nothing changed) if they do not match."""
+    variables = seed_variables(model)
+    if not states or len(variables) != len(states):
+        return False
+    for variable, state in zip(variables, states, strict=True):
+        variable.assign(np.reshape(np.asarray(state, dtype=variable.dtype), variable.shape))
+    return True
+
+
+def seed_variables(model: keras.Model) -> list:
+    # Layer.variables lists each layer's seed generator state after its weights, in a fixed order.
+    return [variable for variable in model.variables if variable.name == "seed_generator_state"]
+
+
+def restore_metric_states(model: keras.Model, states: list[list[float]]) -> bool:
+    """Put back what ``metric_states`` saved; ``False`` (nothing changed) if they do not match."""
+    variables = [variable for metric in model.metrics for variable in metric.variables]
+    if len(variables) != len(states) or any(
+        int(np.prod(variable.shape)) != len(state) for variable, state in zip(variables, states, strict=True)
+    ):
+        return False
+    for variable, state in zip(variables, states, strict=True):
+        variable.assign(np.reshape(np.asarray(state, dtype=variable.dtype), variable.shape))
+    return True
+
+
 class RunRecorder(keras.callbacks.Callback):
     """After each epoch: history.csv, last.keras, best.keras on improvement, early stopping.
 
@@ -101,8 +179,20 @@ class RunRecorder(keras.callbacks.Callback):
         listener: TrainingListener,
         clock: BudgetClock | None = None,
         checkpoint_model: keras.Model | None = None,
+        checkpoint_every: CheckpointEvery | None = None,
+        steps_per_epoch: int = 0,
     ) -> None:
         super().__init__()
+        self.checkpoint_every = checkpoint_every or CheckpointEvery()
+        self.steps_per_epoch = steps_per_epoch
+        # Where the training stream stands (see start_stream) and the epoch's progress.
+        self.stream_batches = 0
+        self.images = True
+        self.step_in_epoch = 0
+        self.saved_step = 0
+        self.saved_at = time.perf_counter()
+        # A run resumed mid-epoch: the step it continues from and the epoch's state then.
+        self.resume: CheckpointPosition | None = None
         self.clock = clock
         # The model last.keras holds: the one fit trains, or the full model around a head
         # trained on cached features (imgclf_cli.feature_cache).
@@ -120,17 +210,67 @@ class RunRecorder(keras.callbacks.Callback):
         # "training" or "validation" when that stream held no decodable image at all.
         self.empty_split: str | None = None
 
+    def start_stream(
+        self, batches_before: int, images: bool, resume: CheckpointPosition | None = None
+    ) -> None:
+        """Before each ``fit``: the batches its training stream starts after, whether it trains
+        on images (mid-epoch checkpoints) or cached features, and the mid-epoch position it
+        continues from, if any (its ``fit`` then runs only the rest of that epoch)."""
+        self.stream_batches = batches_before
+        self.images = images
+        self.resume = resume if resume is not None and resume.step else None
+
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch_started = time.perf_counter()
         self.train_batches = self.val_batches = 0
+        self.step_in_epoch = 0
+        resume = self.resume
+        if resume is not None and resume.epoch == epoch:
+            # fit has just reset the metrics: the epoch's means continue from the checkpoint.
+            self.step_in_epoch = resume.step
+            self.epoch_started -= resume.epoch_seconds
+            if not restore_metric_states(self.model, resume.metrics):
+                self.listener.on_warning(
+                    f"Epoch {epoch + 1}'s loss and accuracy cover only the steps after the resume"
+                )
+            self.resume = None
+        self.saved_step = self.step_in_epoch
         self.listener.on_epoch_start(epoch + 1)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.train_batches += 1
+        self.step_in_epoch += 1
+        self.stream_batches += 1
         logs = logs or {}
         self.listener.on_batch_end(
-            batch + 1, float(logs.get("loss", math.nan)), float(logs.get("accuracy", math.nan))
+            self.step_in_epoch, float(logs.get("loss", math.nan)), float(logs.get("accuracy", math.nan))
         )
+        if (
+            self.images
+            and self.step_in_epoch < self.steps_per_epoch
+            and self.checkpoint_every.due(
+                self.step_in_epoch - self.saved_step, time.perf_counter() - self.saved_at
+            )
+        ):
+            self.save_mid_epoch()
+
+    def save_mid_epoch(self) -> None:
+        """A checkpoint within the epoch: what a crash costs is the steps since this one."""
+        epoch = len(self.state.history)
+        position = CheckpointPosition(
+            epoch=epoch,
+            step=self.step_in_epoch,
+            steps_per_epoch=self.steps_per_epoch,
+            stream_batches=self.stream_batches,
+            images=self.images,
+            metrics=metric_states(self.model),
+            epoch_seconds=time.perf_counter() - self.epoch_started,
+            random_states=random_states(self.checkpoint_model or self.model),
+        )
+        save_checkpoint(self.checkpoint_model or self.model, self.run_dir, position)
+        store.update_meta(self.run_dir, checkpoint=position_summary(position))
+        self.saved_step = self.step_in_epoch
+        self.saved_at = time.perf_counter()
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.val_batches += 1
@@ -154,14 +294,30 @@ class RunRecorder(keras.callbacks.Callback):
         improved = self.state.record(row)
         saving_started = time.perf_counter()
         checkpoint_model = self.checkpoint_model or self.model
-        save_model_atomically(checkpoint_model, store.last_checkpoint_path(self.run_dir))
         if improved:
+            # Before last.keras: a crash in between leaves a best.keras that the resumed run
+            # reaches again, never a history naming a best epoch that best.keras lacks.
             self.deployment_model.set_weights(checkpoint_model.get_weights())
             save_model_atomically(self.deployment_model, store.best_model_file(self.run_dir))
             # A resumed run may hold evaluations and exports of the model just replaced.
             store.mark_outputs_stale(self.run_dir)
+        position = CheckpointPosition(
+            epoch=epoch + 1,
+            steps_per_epoch=self.steps_per_epoch,
+            stream_batches=self.stream_batches,
+            images=self.images,
+            row=row,
+            random_states=random_states(checkpoint_model),
+        )
+        save_checkpoint(checkpoint_model, self.run_dir, position)
+        self.saved_step, self.saved_at = 0, time.perf_counter()
         store.write_history(self.run_dir, self.state.history)
-        store.update_meta(self.run_dir, epochs_completed=epoch + 1, best_epoch=self.state.best_epoch)
+        store.update_meta(
+            self.run_dir,
+            epochs_completed=epoch + 1,
+            best_epoch=self.state.best_epoch,
+            checkpoint=position_summary(position),
+        )
         if self.clock is not None:
             self.clock.checkpoint_seconds = time.perf_counter() - saving_started
         self.listener.on_epoch_end(

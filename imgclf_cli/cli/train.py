@@ -157,17 +157,19 @@ def train_command(
         check_writable(runs_root(runs_dir))
     else:
         from imgclf_cli.resuming import find_resumable, nothing_to_resume
+        from imgclf_cli.store import check_writable
 
-        # A completed run asked for nothing more answers now, not after TensorFlow has loaded.
-        finished = nothing_to_resume(
-            find_resumable(resume, runs_dir), config_file, overrides, flags, runs_dir
-        )
+        # A completed run asked for nothing more, a run still training or a store that cannot
+        # be written answer now, not after TensorFlow has loaded.
+        run_dir = find_resumable(resume, runs_dir)
+        finished = nothing_to_resume(run_dir, config_file, overrides, flags, runs_dir)
         if finished is not None:
             err.print(finished.message, highlight=False, markup=False)
             err.print(f"[dim]Hint:[/dim] {finished.hint}", highlight=False)
             if json_output:
                 print_json(finished.result.to_dict())
             return
+        check_writable(run_dir)
 
     from imgclf_cli.cli.training_view import TrainingView
     from imgclf_cli.resources import seconds_since_process_start
