@@ -120,7 +120,12 @@ def create_run_dir(root: Path, model_name: str, name: str | None = None) -> Path
     raise RunNotFoundError(f"Could not create a run folder under {root}")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+def atomic_write(
+    path: Path,
+    write: Callable[[Path], None],
+    suffix: str = "",
+    before_replace: Callable[[], None] | None = None,
+) -> None:
     """Write through ``write(temporary_path)``, flush it to disk, rename it into place and flush
     the folder: readers never see half a file, and after a power cut the file is either the old
     one or the whole new one (a rename alone may reach the disk before the data it names).
@@ -145,6 +150,8 @@ def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") ->
         os.umask(umask)
         os.chmod(temporary_path, 0o666 & ~umask)
         fsync_path(temporary_path)
+        if before_replace is not None:  # the new file is whole on disk: e.g. keep the old one
+            before_replace()
         os.replace(temporary_path, path)
         fsync_path(path.parent)
     except OSError as error:
@@ -532,6 +539,14 @@ def no_completed_run(root: Path, runs: list[Path]) -> RunNotFoundError:
         if resumable
         else "train one with `imgclf train DATA_DIR`, or pass --run RUN",
     )
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run folder that ``path`` (a file of a run, or the run itself) belongs to."""
+    for folder in (path, *path.parents):
+        if is_run_dir(folder):
+            return folder
+    return None
 
 
 def is_run_dir(path: Path) -> bool:

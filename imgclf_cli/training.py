@@ -15,6 +15,7 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ def train(
     # The run's training lock (and heartbeat), released however training ends.
     held = contextlib.ExitStack()
     try:
-        with held:
+        with full_disk_reported(runs_dir), held:
             return train_run(
                 data_dir,
                 config,
@@ -488,8 +489,6 @@ def train_run(
         with contextlib.suppress(Exception):
             store.update_meta(run_dir, failure=failure_reason(error))
             finish_run(run_dir, state, store.STATUS_FAILED, seconds_so_far(), skipped, listener)
-        if isinstance(error, store.StoreWriteError):
-            raise failed_to_write(error, run_dir, state, runs_dir) from None
         raise
     train_seconds = seconds_so_far()
     all_skipped = skipped + skipped_as_dicts(failures.entries())
@@ -545,19 +544,38 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def failed_to_write(
-    error: store.StoreWriteError, run_dir: Path, state: TrainingState, runs_dir: str | Path | None
-) -> store.StoreWriteError:
-    """The write error, saying what of the run is safe and how to go on."""
-    kept = (
-        f"the run is marked failed; its last checkpoint (epoch {len(state.history)}) is intact"
-        if state.history
-        else "the run is marked failed before its first epoch ended"
-    )
-    go_on = f"resume with {resume_command(run_dir.name, runs_dir)}" if state.history else "train again"
-    return store.StoreWriteError(
-        error.message, f"{kept}; {error.hint}, then {go_on}", error.errno, error.path
-    )
+@contextlib.contextmanager
+def full_disk_reported(runs_dir: str | Path | None) -> Iterator[None]:
+    """A write that failed (a full disk) marks its run failed, if training had not yet, and
+    says what of the run is safe and how to go on."""
+    try:
+        yield
+    except store.StoreWriteError as error:
+        run_dir = store.run_dir_of(error.path)
+        if run_dir is None:
+            raise
+        if store.run_status(run_dir) == store.STATUS_RUNNING:
+            with contextlib.suppress(Exception):  # the disk may refuse even this
+                store.update_meta(
+                    run_dir, status=store.STATUS_FAILED, failure=failure_reason(error), finished=now_text()
+                )
+        try:
+            epochs = len(store.read_history(run_dir))
+        except store.RunFileError:
+            epochs = 0
+        kept = (
+            f"the run is marked failed; its last checkpoint (epoch {epochs}) is intact"
+            if epochs
+            else "the run is marked failed before its first epoch ended"
+        )
+        go_on = f"resume with {resume_command(run_dir.name, runs_dir)}" if epochs else "train again"
+        raise store.StoreWriteError(
+            error.message, f"{kept}; {error.hint}, then {go_on}", error.errno, error.path
+        ) from None
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def finish_run(
@@ -571,7 +589,7 @@ def finish_run(
     """Record the final status and results in meta.json and draw the training curves."""
     fields: dict[str, Any] = {
         "status": status,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": now_text(),
         "train_seconds": round(train_seconds, 3),
         "epochs_completed": len(state.history),
         "skipped_files": skipped,

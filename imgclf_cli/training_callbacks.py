@@ -91,8 +91,7 @@ def save_model_atomically(model: keras.Model, path: Path) -> None:
 def save_checkpoint(model: keras.Model, run_dir: Path, position: CheckpointPosition) -> None:
     """``last.keras`` with ``position`` inside; the one it replaces becomes ``previous.keras``.
 
-    The old previous is removed first, so the disk holds at most two checkpoints and the one
-    being written; until the final rename, ``last.keras`` is the intact one before it.
+    A failure at any point (a full disk) leaves ``last.keras`` the intact checkpoint before.
     """
     last = store.last_checkpoint_path(run_dir)
     previous = run_dir / PREVIOUS_CHECKPOINT_FILE
@@ -100,15 +99,27 @@ def save_checkpoint(model: keras.Model, run_dir: Path, position: CheckpointPosit
     def write(temporary: Path) -> None:
         model.save(temporary)
         add_position(temporary, position)
+
+    rotated = False
+
+    def keep_previous() -> None:
+        # Only once the new checkpoint is whole on disk: until then last.keras stays in place.
+        nonlocal rotated
         if last.is_file():
             os.replace(last, previous)
+            rotated = True
 
     if last.is_file():
         try:
-            previous.unlink(missing_ok=True)
+            previous.unlink(missing_ok=True)  # at most two checkpoints and the one being written
         except OSError as error:
             raise store.write_error(previous, error) from None
-    store.atomic_write(last, write, suffix=".keras")
+    try:
+        store.atomic_write(last, write, suffix=".keras", before_replace=keep_previous)
+    except BaseException:
+        if rotated and not last.exists():  # the final rename failed: put the old one back
+            os.replace(previous, last)
+        raise
 
 
 def metric_states(model: keras.Model) -> list[list[float]]:
