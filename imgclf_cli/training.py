@@ -264,12 +264,14 @@ def train_run(
     # at a high learning rate is not the end (the decay gains most), so the time decides.
     patience_given = config is not None or "train.early_stopping_patience" in given
     resume_point: ResumePoint | None = None
+    resumed_state = ""
     if resume:
         run_dir = find_resumable(resume, runs_dir)
         finished = nothing_to_resume(run_dir, config_file, overrides, flags, runs_dir)
         if finished is not None:
             listener.on_info(finished.message)
             return finished.result
+        resumed_state = store.run_state(run_dir).describe(run_dir.name)
         held.enter_context(TrainingLock(run_dir))
         stored, manifest = prepare_resume(run_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)
@@ -409,6 +411,8 @@ def train_run(
             batch_size=fit_data.batch_size,
             time_budget=budget,
             seconds_left=deadline - time.monotonic() if deadline is not None else None,
+            initial_step=image_position.step if image_position is not None else 0,
+            resumed_state=resumed_state,
         )
     )
     if replanned is not None:

@@ -93,6 +93,10 @@ class TrainingStarted:
     """Seconds for the whole command (``train.time_budget``), or ``None``."""
     seconds_left: float | None = None
     """With a time budget: what is left of it as the first epoch starts."""
+    initial_step: int = 0
+    """Steps of the next epoch already done (a run resumed from a checkpoint within an epoch)."""
+    resumed_state: str = ""
+    """What had become of a resumed run, e.g. ``run X crashed after epoch 2 (last sign of life ...)``."""
 
 
 @dataclass(frozen=True)

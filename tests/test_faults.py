@@ -114,7 +114,9 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(exact_data: P
 
     resumed = imgclf("train", "--resume", run_dir.name, "--runs-dir", str(killed_store))
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming" in resumed.stderr + resumed.stdout
+    said = resumed.stderr + resumed.stdout
+    assert f"Run {run_dir.name} crashed after epoch 1 (last sign of life" in said
+    assert "from epoch 2 of 3, step 3 of" in said
     assert store.read_meta(run_dir)["status"] == store.STATUS_COMPLETED
     whole_dir = only_run(tmp_path / "whole")
     # The same steps on the same batches with the same random draws, from the same weights and

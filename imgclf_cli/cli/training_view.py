@@ -25,12 +25,15 @@ def header_lines(event: TrainingStarted) -> list[str]:
     """What is trained, on what, and where the run is written (on a line of its own: a long path
     would wrap the sentence before it)."""
     lines = []
-    if event.initial_epoch:
+    if event.resumed_state:
+        lines.append(event.resumed_state[:1].upper() + event.resumed_state[1:])
+    if event.initial_epoch or event.initial_step:
         if event.total_epochs and event.initial_epoch >= event.total_epochs:
             lines.append(f"Resuming {event.run_id}: its {event.total_epochs} epochs are done, finishing it")
         else:
             planned = f" of {event.total_epochs}" if event.total_epochs else ""
-            lines.append(f"Resuming {event.run_id} from epoch {event.initial_epoch + 1}{planned}")
+            step = f", step {event.initial_step + 1} of {event.steps_per_epoch}" if event.initial_step else ""
+            lines.append(f"Resuming {event.run_id} from epoch {event.initial_epoch + 1}{planned}{step}")
     lines.append(
         f"Training {event.model_name} on {event.num_train} images ({event.num_classes} classes), "
         f"validating on {event.num_val}"
