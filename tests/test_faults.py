@@ -466,3 +466,35 @@ def test_two_trainings_into_one_store_and_a_prediction_meanwhile(
         assert len(store.read_history(run_dir)) == 3
         assert read_position(store.last_checkpoint_path(run_dir)) is not None
     assert store.resolve_run("latest", runs) == second
+
+
+# --- settings and the heartbeat ---------------------------------------------------------------
+
+
+def test_checkpoint_every_values() -> None:
+    from imgclf_cli.checkpointing import DEFAULT_MAX_MINUTES, parse_checkpoint_every
+    from imgclf_cli.config import resolve_config
+    from imgclf_cli.errors import ConfigError
+
+    every_epoch = parse_checkpoint_every("epoch")
+    assert every_epoch.steps is None and every_epoch.seconds == DEFAULT_MAX_MINUTES * 60
+    assert not every_epoch.due(steps_since=10_000, seconds_since=599) and every_epoch.due(0, 600)
+    steps = parse_checkpoint_every("50steps")
+    assert (steps.steps, steps.seconds) == (50, None) and steps.due(50, 0) and not steps.due(49, 1e6)
+    assert parse_checkpoint_every("5m").seconds == 300
+    for wrong in ("often", "0steps", "-3steps", ""):
+        with pytest.raises(ValueError):
+            parse_checkpoint_every(wrong)
+    with pytest.raises(ConfigError, match="train.checkpoint_every' expects epoch, a number of steps"):
+        resolve_config(overrides=["train.checkpoint_every=often"])
+
+
+def test_the_heartbeat_beats_while_the_lock_is_held(tmp_path: Path) -> None:
+    run_dir = running_run(tmp_path)
+    lock_file = run_dir / liveness.LOCK_FILE
+    with TrainingLock(run_dir, heartbeat_seconds=0.05):
+        old = time.time() - 600
+        os.utime(lock_file, (old, old))
+        time.sleep(0.3)
+        assert time.time() - lock_file.stat().st_mtime < 5
+    assert not lock_file.exists()
