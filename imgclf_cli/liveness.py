@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgclf_cli.errors import ImgclfError
+from imgclf_cli.errors import ImgclfError, StoreError
 
 LOCK_FILE = ".train.lock"
 HEARTBEAT_SECONDS = 10.0
@@ -181,6 +181,15 @@ class TrainingLock:
         self.thread: threading.Thread | None = None
 
     def acquire(self) -> TrainingLock:
+        try:
+            return self.try_acquire()
+        except OSError as error:  # a full or read-only disk
+            raise StoreError(
+                f"Cannot write {self.path}: {error.strerror or error}",
+                "free some space or fix the folder's permissions, then try again",
+            ) from None
+
+    def try_acquire(self) -> TrainingLock:
         import fcntl
 
         for _ in range(10):
@@ -205,9 +214,13 @@ class TrainingLock:
                     os.close(descriptor)
                     raise self.busy(previous)
             owner = json.dumps(current_owner()).encode()
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, owner, 0)
-            os.fsync(descriptor)
+            try:
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, owner, 0)
+                os.fsync(descriptor)
+            except OSError:
+                os.close(descriptor)
+                raise
             self.descriptor = descriptor
             self.thread = threading.Thread(target=self.beat, name="imgclf-heartbeat", daemon=True)
             self.thread.start()

@@ -462,11 +462,11 @@ def train_run(
             elif phase.callbacks:
                 with strategy.scope():
                     build_before_tracing(model, data.train)
-                # Resumed within phase 2: its stream and position come from the checkpoint.
-                phase_data = data if phase.resumed else training_data(0, "train-fine-tune")
+                # Phase 1 trained on features, so the image stream is new here, or (resumed
+                # within phase 2) skips what phase 2 had trained on.
                 fit_from(
                     model,
-                    phase_data,
+                    data,
                     phase.last_epoch,
                     phase.initial_epoch,
                     phase.callbacks,
