@@ -58,7 +58,7 @@ def find_resumable(reference: str, runs_dir: str | Path | None = None) -> Path:
             )
         return run_dir
     root = store.runs_root(runs_dir)
-    candidates = [run for run in store.list_runs(root) if store.has_checkpoint(run)]
+    candidates = [run for run in store.list_runs(root) if (run / store.SPLIT_FILE).is_file()]
     unfinished = [run for run in candidates if store.run_state(run).status in store.RESUMABLE_STATUSES]
     if not unfinished:
         raise RunNotFoundError(
@@ -76,14 +76,21 @@ def liveness_owner(run_dir: Path) -> str:
 def choose_resume_point(
     run_dir: Path, listener: TrainingListener
 ) -> tuple[ResumePoint, list[dict[str, float]]]:
-    """The checkpoint to resume from (``last.keras``, else ``previous.keras``) and the history
-    that goes with it.
+    """The checkpoint to resume from (``last.keras``, else ``previous.keras``; ``None``: there is
+    none, the run starts again) and the history that goes with it.
 
     The checkpoint is the record of where training stood: an epoch whose checkpoint was written
     but not its history row (a crash in between) gets its row back from the checkpoint, and
     epochs after an older checkpoint (``previous.keras``) are dropped from the history, to be
     trained again.
     """
+    if not has_any_checkpoint(run_dir):
+        # Stopped before its first checkpoint: its config and split are kept, so it trains
+        # again from the start in the same folder rather than being lost.
+        listener.on_info(f"Run {run_dir.name} has no checkpoint yet: training it from the start")
+        if store.read_history(run_dir):
+            store.write_history(run_dir, [])
+        return None, []
     point = choose_checkpoint(run_dir, store.last_checkpoint_path(run_dir))
     if point.note:
         listener.on_warning(point.note)
@@ -106,11 +113,6 @@ def choose_resume_point(
 
 def prepare_resume(run_dir: Path, listener: TrainingListener) -> tuple[dict[str, Any], SplitManifest]:
     """The stored config values and split of ``run_dir``, once checked that it can go on."""
-    if not store.has_checkpoint(run_dir) and not (run_dir / PREVIOUS_CHECKPOINT_FILE).is_file():
-        raise RunNotFoundError(
-            f"Run {run_dir.name} has no checkpoint to resume from (no completed epoch)",
-            "start a new run with imgclf train DATA_DIR",
-        )
     stored = store.read_config_values(run_dir)
     manifest = store.read_manifest(run_dir)
     missing = [sample.path for sample in manifest.train[:50] if not Path(sample.path).exists()]
@@ -119,8 +121,13 @@ def prepare_resume(run_dir: Path, listener: TrainingListener) -> tuple[dict[str,
             f"The dataset of run {run_dir.name} is gone or moved: {missing[0]} does not exist",
             f"restore the images under {manifest.root}",
         )
-    listener.on_status(f"Loading {run_dir.name} from its last checkpoint...")
+    if has_any_checkpoint(run_dir):
+        listener.on_status(f"Loading {run_dir.name} from its last checkpoint...")
     return stored, manifest
+
+
+def has_any_checkpoint(run_dir: Path) -> bool:
+    return store.has_checkpoint(run_dir) or (run_dir / PREVIOUS_CHECKPOINT_FILE).is_file()
 
 
 @dataclass(frozen=True)

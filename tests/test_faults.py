@@ -498,3 +498,20 @@ def test_the_heartbeat_beats_while_the_lock_is_held(tmp_path: Path) -> None:
         time.sleep(0.3)
         assert time.time() - lock_file.stat().st_mtime < 5
     assert not lock_file.exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_trains_again_in_its_folder(
+    exact_data: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    tiny = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--set", "model.width=8"]
+    killed = train_killed_at(1, 2, str(exact_data), "--runs-dir", str(runs), *tiny)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = only_run(runs)
+    assert not store.has_checkpoint(run_dir)
+    assert store.run_state(run_dir).status == store.STATUS_CRASHED
+    resumed = imgclf("train", "--resume", "latest", "--runs-dir", str(runs))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "has no checkpoint yet: training it from the start" in resumed.stderr
+    assert only_run(runs) == run_dir and store.read_meta(run_dir)["status"] == store.STATUS_COMPLETED
+    assert len(store.read_history(run_dir)) == 2
