@@ -8,7 +8,9 @@ paired with its file and true label: nothing is shuffled or dropped silently.
 
 Files written to ``<run>/eval/<name>/``: ``metrics.json``, ``confusion_matrix.csv``,
 ``confusion_matrix.png``, ``misclassified.csv``, ``misclassified.png`` (the most confidently
-wrong images), ``reliability.png`` and ``predictions.csv`` (every image).
+wrong images), ``reliability.png`` and ``predictions.csv`` (every image). They are written into
+a staging folder and replace the folder whole, under its lock: it always holds one evaluation,
+never a mix of two, and a failed write (a full disk) leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import numpy as np
 from imgclf_cli import store
 from imgclf_cli.dataset import DatasetScan, Sample, scan_dataset
 from imgclf_cli.errors import DatasetError, ImgclfError
+from imgclf_cli.export_formats import replace_directory, staging_folder, write_failures_suggest, writing
 from imgclf_cli.images import UnreadableImage
-from imgclf_cli.inference import Predictor, load_keras_predictor
+from imgclf_cli.inference import Predictor, best_model_of_run, check_output_folder, load_keras_predictor
 from imgclf_cli.prediction import decoded_batches, predict_decoded
 
 ECE_BINS = 15
@@ -35,6 +38,11 @@ TOP_K_VALUES = (3, 5)
 GALLERY_SIZE = 16
 DEFAULT_BATCH_SIZE = 64
 SPLIT_NAMES = ("train", "val", "test")
+CSV_FILES = ("confusion_matrix.csv", "misclassified.csv", "predictions.csv")
+PLOT_FILES = ("confusion_matrix.png", "misclassified.png", "reliability.png")
+METRICS_FILE = "metrics.json"
+WRITE_ELSEWHERE = "copy the run to another disk and evaluate it there (--run PATH)"
+OUTPUT_FOLDER_HINT = f"free some space or make the run folder writable, or {WRITE_ELSEWHERE}"
 
 
 @dataclass(frozen=True)
@@ -352,23 +360,27 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_outputs(
-    report: EvaluationReport, outcome: Outcome, output_dir: Path, plots: bool = True
-) -> dict[str, str]:
-    """Every file of the evaluation, each written atomically; returns ``{file name: path}``."""
-    labels = report.labels
-    files: dict[str, str] = {}
+def output_files(plots: bool = True) -> list[str]:
+    """The names of the files an evaluation writes."""
+    return [*CSV_FILES, *(PLOT_FILES if plots else ()), METRICS_FILE]
 
-    def target(name: str) -> Path:
-        files[name] = str(output_dir / name)
-        return output_dir / name
+
+def write_outputs(report: EvaluationReport, outcome: Outcome, folder: Path, plots: bool = True) -> None:
+    """Every file of ``output_files(plots)`` into ``folder``, each written atomically; a failed
+    write names the file at its place in ``report.output_dir``, where it was meant to go."""
+    labels = report.labels
+
+    def write_file(name: str, write: Callable[[Path], None]) -> None:
+        with writing(Path(report.output_dir) / name):
+            write(folder / name)
+
+    def write_text(name: str, text: str) -> None:
+        write_file(name, lambda path: store.atomic_write_text(path, text))
 
     matrix_rows = [[label, *counts] for label, counts in zip(labels, report.confusion_matrix, strict=True)]
-    store.atomic_write_text(
-        target("confusion_matrix.csv"), csv_text(["true\\predicted", *labels], matrix_rows)
-    )
-    store.atomic_write_text(
-        target("misclassified.csv"),
+    write_text("confusion_matrix.csv", csv_text(["true\\predicted", *labels], matrix_rows))
+    write_text(
+        "misclassified.csv",
         csv_text(
             ["path", "true", "predicted", "confidence"],
             [
@@ -378,8 +390,8 @@ def write_outputs(
         ),
     )
     predicted = outcome.probabilities.argmax(axis=1)
-    store.atomic_write_text(
-        target("predictions.csv"),
+    write_text(
+        "predictions.csv",
         csv_text(
             ["path", "true", "predicted", "confidence", "correct"],
             [
@@ -393,18 +405,46 @@ def write_outputs(
     if plots:
         from imgclf_cli import evaluation_plots
 
-        evaluation_plots.plot_confusion_matrix(
-            np.asarray(report.confusion_matrix), labels, target("confusion_matrix.png")
+        write_file(
+            "confusion_matrix.png",
+            lambda path: evaluation_plots.plot_confusion_matrix(
+                np.asarray(report.confusion_matrix), labels, path
+            ),
         )
-        evaluation_plots.plot_misclassified_gallery(
-            report.misclassified[:GALLERY_SIZE], target("misclassified.png"), total=report.num_misclassified
+        write_file(
+            "misclassified.png",
+            lambda path: evaluation_plots.plot_misclassified_gallery(
+                report.misclassified[:GALLERY_SIZE], path, total=report.num_misclassified
+            ),
         )
-        evaluation_plots.plot_reliability_diagram(
-            report.reliability, report.ece, target("reliability.png"), num_classes=len(labels)
+        write_file(
+            "reliability.png",
+            lambda path: evaluation_plots.plot_reliability_diagram(
+                report.reliability, report.ece, path, num_classes=len(labels)
+            ),
         )
-    files["metrics.json"] = str(output_dir / "metrics.json")
-    store.atomic_write_json(output_dir / "metrics.json", report.to_dict())
-    return files
+    write_file(METRICS_FILE, lambda path: store.atomic_write_json(path, report.to_dict()))
+
+
+def publish_outputs(
+    report: EvaluationReport,
+    outcome: Outcome,
+    run_dir: Path,
+    plots: bool,
+    on_wait: Callable[[], None],
+) -> None:
+    """Write the evaluation's folder whole: staged beside it, then swapped in under its lock
+    (``on_wait`` is called once if another evaluation holds it)."""
+    output_dir = Path(report.output_dir)
+    with (
+        write_failures_suggest(WRITE_ELSEWHERE),
+        staging_folder(output_dir.parent, output_dir.name) as staging,
+    ):
+        write_outputs(report, outcome, staging, plots)
+        with store.output_lock(output_dir, on_wait):
+            with writing(output_dir):
+                replace_directory(staging, output_dir)
+            store.clear_stale(run_dir, "eval")  # eval/ now holds an evaluation of the current best.keras
 
 
 def evaluate(
@@ -422,15 +462,19 @@ def evaluate(
 
     Without ``data_dir`` the run's ``test`` split is evaluated (``val`` when the dataset had
     no test split); with it, that labelled folder (its class names must be among the run's
-    labels). ``on_warning(text)`` receives skipped files and missing classes;
+    labels). ``on_warning(text)`` receives skipped files, missing classes, a run that did not
+    complete (its best.keras is used) and a wait for another evaluation writing the same folder;
     ``on_start(total)``/``on_progress(count)`` report progress.
     """
     started = time.perf_counter()
+    warn = on_warning or (lambda text: None)
     run_dir = store.resolve_run(run, runs_dir)
     labels = store.read_labels(run_dir)
-    model_path = store.best_model_path(run_dir)
+    model_path = best_model_of_run(run_dir, warn)
     chosen = folder_samples(data_dir, labels) if data_dir is not None else split_samples(run_dir, labels)
-    warn = on_warning or (lambda text: None)
+    output_dir = store.eval_dir(run_dir, chosen.name)
+    # A read-only or full store fails now, not after TensorFlow has loaded and predicted.
+    check_output_folder(output_dir, "the evaluation", OUTPUT_FOLDER_HINT)
     for text in chosen.warnings:
         warn(text)
     predictor = load_keras_predictor(model_path, labels)
@@ -451,7 +495,6 @@ def evaluate(
         raise DatasetError(f"None of the {len(chosen.samples)} images of {chosen.description} could be read")
 
     metrics = compute_metrics(outcome.true, outcome.probabilities, labels)
-    output_dir = store.eval_dir(run_dir, chosen.name)
     report = EvaluationReport(
         run_id=run_dir.name,
         run_dir=str(run_dir),
@@ -468,6 +511,12 @@ def evaluate(
         **metrics,
     )
     report.seconds = time.perf_counter() - started
-    report.files = write_outputs(report, outcome, output_dir, plots=plots)
-    store.clear_stale(run_dir, "eval")  # eval/ now holds an evaluation of the current best.keras
+    report.files = {name: str(output_dir / name) for name in output_files(plots)}
+    publish_outputs(
+        report,
+        outcome,
+        run_dir,
+        plots,
+        on_wait=lambda: warn(f"another evaluation is writing {output_dir}; waiting for it to finish"),
+    )
     return report

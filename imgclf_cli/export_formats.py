@@ -4,17 +4,25 @@
 ``imgclf_cli.exporting.export_run`` decides what to write and where. Every artifact takes RGB
 pixels as floats in 0..255 (rescaling is inside the model) and carries the labels and input
 size: TFLite in its metadata entry ``imgclf`` (``embed_tflite_metadata``), ONNX in its metadata
-property ``imgclf``, the SavedModel in ``assets/labels.txt``. Files are written atomically and
-a SavedModel folder replaces an older one only once it is complete.
+property ``imgclf``, the SavedModel in ``assets/labels.txt``.
+
+It also holds how an output folder is written (shared with ``imgclf_cli.evaluation``): into a
+hidden staging folder beside it (``staging_folder``), then moved into place whole
+(``replace_directory``), so that a failure leaves the previous outputs as they were; and
+``writing(path)``, which turns a failed write however it was raised (``OSError``, TensorFlow's
+or h5py's wrappers) into one ``StoreWriteError`` naming the file meant, not its staging copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +35,9 @@ from imgclf_cli.errors import ModelError
 from imgclf_cli.inference import IMAGES_SIGNATURE, LABELS_TEXT_FILE, MODEL_METADATA_KEY
 
 ONNX_OPSET = 17
+# The reasons a write fails for lack of room or of permission, recognised in TensorFlow's
+# errors, which keep the reason's text but not its errno.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 class Exporter:
@@ -108,6 +119,8 @@ class Exporter:
             with stdout_to_stderr():
                 flatbuffer = converter(integer_only=True).convert()
         except Exception as error:
+            if write_failure(error) is not None:
+                raise  # the conversion's own SavedModel could not be written: not a model problem
             if mode != "int8" or int8_io:
                 raise ModelError(f"TFLite conversion ({mode}) failed: {first_line(error)}") from error
             # Some ops have no integer kernel: keep them in float rather than fail the export.
@@ -290,15 +303,109 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def replace_directory(source: Path, destination: Path) -> None:
-    """Move a freshly written folder into place, replacing an older one."""
+    """Move a freshly written folder into place, replacing an older one (put back if the move
+    fails). Renames only: no new space is needed, and readers see one folder or the other."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists():
-        retired = destination.with_name(f".{destination.name}.old-{time.time_ns()}")
+        # Named like a staging folder: one left by a writer killed between the renames is
+        # removed by the next writer (``remove_dead_staging``).
+        retired = destination.with_name(f".{destination.name}.{os.getpid()}.old-{time.time_ns()}")
         destination.rename(retired)
-        source.rename(destination)
+        try:
+            source.rename(destination)
+        except OSError:
+            retired.rename(destination)
+            raise
         shutil.rmtree(retired, ignore_errors=True)
     else:
         source.rename(destination)
+    store.fsync_path(destination.parent)
+
+
+@contextlib.contextmanager
+def staging_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A new hidden folder ``<parent>/.<name>.<pid>.<random>`` to write outputs into before they
+    are moved into place (the same filesystem, so a rename moves them), removed with whatever is
+    left in it when the block ends, however it ends (and ``parent`` too if it made it and it
+    stayed empty). One left by a writer that died (``kill -9``) is removed by the next writer of
+    ``name``."""
+    with writing(parent / name):
+        made_parent = not parent.exists()
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_staging(parent, name)
+        folder = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", dir=parent))
+        # mkdtemp makes it private to its owner; once moved into place it is a usual folder.
+        umask = os.umask(0)
+        os.umask(umask)
+        folder.chmod(0o777 & ~umask)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if made_parent:
+            with contextlib.suppress(OSError):  # not empty: it holds outputs now
+                parent.rmdir()
+
+
+def remove_dead_staging(parent: Path, name: str) -> None:
+    """Delete the staging folders of ``name`` in ``parent`` whose writing process is gone."""
+    for leftover in parent.glob(f".{name}.*"):
+        writer = leftover.name[len(name) + 2 :].split(".", 1)[0]
+        if leftover.is_dir() and writer.isdigit() and not store.process_alive(int(writer)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Report a write that fails in the block as one ``StoreWriteError`` naming ``path``: the
+    file or folder the user asked for, even when the failure came from its staging copy."""
+    try:
+        yield
+    except Exception as error:
+        cause = write_failure(error)
+        if cause is None:
+            raise
+        raise store.write_error(path, cause) from None
+
+
+@contextlib.contextmanager
+def write_failures_suggest(elsewhere: str) -> Iterator[None]:
+    """A ``StoreWriteError`` from the block, its hint ending with the command's own way out
+    (``elsewhere``): the store's suggests --runs-dir, which only says where runs are read from
+    for the commands that write into a run (evaluate) or beside one (export)."""
+    try:
+        yield
+    except store.StoreWriteError as error:
+        if error.errno == errno.ENOSPC:
+            remedy = f"free some space on the disk holding {error.path.parent}"
+        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            remedy = f"make {error.path.parent} writable"
+        else:
+            remedy = "check the disk and the folder's permissions"
+        raise store.StoreWriteError(
+            error.message, f"{remedy}, or {elsewhere}", error.errno, error.path
+        ) from None
+
+
+def write_failure(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write, however it was wrapped: a ``StoreWriteError``, an
+    errno in the exception chain (``store.os_error_in``), or a TensorFlow ``OpError``, whose
+    text alone keeps it (``"<file>; No space left on device"``). ``None``: not a write failure."""
+    if isinstance(error, store.StoreWriteError):
+        code = error.errno or errno.EIO
+        return OSError(code, os.strerror(code))
+    found = store.os_error_in(error)
+    if found is not None:
+        return found
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for code in WRITE_ERRNOS:
+            if f"; {os.strerror(code)}" in str(current):
+                return OSError(code, os.strerror(code))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def directory_size(path: Path) -> int:

@@ -32,8 +32,9 @@ its other spelling and is the name people read (``QUANTIZATION_NAMES``).
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,15 @@ import numpy as np
 from imgclf_cli import __version__, store
 from imgclf_cli.dataset import Sample, SplitManifest
 from imgclf_cli.errors import DatasetError, ExportVerificationError, ImgclfError, UsageError
-from imgclf_cli.export_formats import Exporter, directory_size, replace_directory, write_bytes
+from imgclf_cli.export_formats import (
+    Exporter,
+    directory_size,
+    replace_directory,
+    staging_folder,
+    write_bytes,
+    write_failures_suggest,
+    writing,
+)
 from imgclf_cli.export_verification import (
     QUANTIZATION_NAMES,
     THRESHOLDS,
@@ -55,7 +64,12 @@ from imgclf_cli.export_verification import (
     verify_artifacts,
 )
 from imgclf_cli.images import UnreadableImage, load_image
-from imgclf_cli.inference import LABELS_TEXT_FILE, load_keras_predictor
+from imgclf_cli.inference import (
+    LABELS_TEXT_FILE,
+    best_model_of_run,
+    check_output_folder,
+    load_keras_predictor,
+)
 
 FORMATS = ("tflite", "saved_model", "onnx")
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
@@ -73,6 +87,10 @@ SAVED_MODEL_VERSION = 1
 REPORT_FILE = "export.json"
 SELECTION_SEED = 0
 NO_MANIFEST_HINT = "pass --no-verify to export without checking (int8 also needs the training images)"
+WRITE_ELSEWHERE = "write the export elsewhere with --output DIR"
+OUTPUT_FOLDER_HINT = f"free some space or make it writable, or {WRITE_ELSEWHERE}"
+# The hidden folder, inside the output folder, where an export is written before it is moved in.
+STAGING_NAME = "imgclf-export"
 
 
 @dataclass
@@ -246,6 +264,7 @@ def export_run(
     int8_io: bool = False,
     runs_dir: str | Path | None = None,
     on_progress: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export the best model of ``run`` (id, folder or ``latest``) and verify each artifact.
 
@@ -254,6 +273,12 @@ def export_run(
     mode with ``all``; giving modes implies ``tflite``). ``int8_io`` makes the int8 model's input and
     output ``uint8``. Raises ``ExportVerificationError`` (with ``.report``) when an artifact
     misses its ``THRESHOLDS``; the artifacts are written either way.
+
+    Everything is written into a staging folder first and moved into the output folder at the
+    end, under its lock (``on_warning`` hears when it waits for another export to it): the
+    folder never mixes two exports' files, and a failed write (``StoreWriteError``: a full
+    disk) leaves the previous export as it was. A run that did not complete (crashed, still
+    training) is exported from its best.keras, with a warning in the report.
     """
     progress = on_progress or (lambda message: None)
     plan = make_plan(formats, quantize, int8_io)
@@ -265,10 +290,12 @@ def export_run(
         )
     run_dir = store.resolve_run(run, runs_dir).resolve()
     labels = store.read_labels(run_dir)
-    model_path = store.best_model_path(run_dir)
+    warnings: list[str] = []
+    model_path = best_model_of_run(run_dir, warnings.append)
     output = Path(output_dir).expanduser().resolve() if output_dir else store.export_dir(run_dir)
     meta = store.read_meta(run_dir)
-    warnings: list[str] = []
+    # A read-only or full store fails now, not after TensorFlow has loaded and converted.
+    check_output_folder(output, "the export", OUTPUT_FOLDER_HINT)
 
     # The split and the images are read before any conversion: a run whose dataset moved
     # fails in seconds, not after minutes of work.
@@ -298,66 +325,122 @@ def export_run(
             manifest, calibration_images, image_size, run_dir.name, warnings
         )
 
-    output.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(output / LABELS_TEXT_FILE, "\n".join(labels) + "\n")
-    with tempfile.TemporaryDirectory(prefix=".imgclf-export-", dir=output) as workdir:
-        exporter = Exporter(reference.model, labels, image_size, run_dir.name, Path(workdir))
-        artifacts = write_artifacts(exporter, plan, output, calibration, warnings, progress)
-
-    report = ExportReport(
-        run_id=run_dir.name,
-        run_dir=str(run_dir),
-        output_dir=str(output),
-        labels=labels,
-        image_size=image_size,
-        artifacts=artifacts,
-        verified=verify,
-        warnings=warnings,
-    )
-    if verify:
-        verification = verify_artifacts(artifacts, reference, verify_images, truth, verify_samples, progress)
-        report.num_verify_images = verification.num_images
-        report.reference = verification.reference
-        report.serving_check = verification.serving_check
-        report.warnings.extend(verification.warnings)
-    store.atomic_write_json(output / REPORT_FILE, report.to_record())
-    if output == store.export_dir(run_dir).resolve() and not report.failures:
-        store.clear_stale(run_dir, "export")  # export/ now comes from the current best.keras
+    with write_failures_suggest(WRITE_ELSEWHERE), staging_folder(output, STAGING_NAME) as staging:
+        staged = Staged(staging / "files", output)
+        exporter = Exporter(reference.model, labels, image_size, run_dir.name, workdir=staging)
+        artifacts = write_artifacts(exporter, plan, staged, calibration, warnings, progress)
+        report = ExportReport(
+            run_id=run_dir.name,
+            run_dir=str(run_dir),
+            output_dir=str(output),
+            labels=labels,
+            image_size=image_size,
+            artifacts=artifacts,
+            verified=verify,
+            warnings=warnings,
+        )
+        if verify:
+            # The staged artifacts are verified: the same bytes as the ones moved into place.
+            verification = verify_artifacts(
+                artifacts, reference, verify_images, truth, verify_samples, staged.shown(progress)
+            )
+            report.num_verify_images = verification.num_images
+            report.reference = verification.reference
+            report.serving_check = verification.serving_check
+            report.warnings.extend(verification.warnings)
+        for artifact in report.checks:
+            artifact.path = str(staged.final(Path(artifact.path)))
+        staged.write_text(LABELS_TEXT_FILE, "\n".join(labels) + "\n")
+        staged.write_text(REPORT_FILE, json.dumps(report.to_record(), indent=2, default=str) + "\n")
+        # A wait is told as a warning, shown even with --json (progress is not): it may be long.
+        tell_wait = on_warning or progress
+        waiting = f"another export is writing {output}; waiting for it to finish"
+        with store.output_lock(output, on_wait=lambda: tell_wait(waiting)):
+            staged.move_into_place()
+            if output == store.export_dir(run_dir).resolve() and not report.failures:
+                store.clear_stale(run_dir, "export")  # export/ now comes from the current best.keras
     if report.failures:
         message, hint = failure_message(report.failures, report.output_dir)
         raise ExportVerificationError(message, hint, report)
     return report
 
 
+class Staged:
+    """The export's files in a staging folder (``folder``, laid out as ``output``), and the
+    order they are moved into ``output``: the artifacts, then ``labels.txt``, ``export.json`` last."""
+
+    def __init__(self, folder: Path, output: Path) -> None:
+        self.folder = folder
+        self.output = output
+        self.moves: list[Path] = []  # relative paths, in the order they were staged
+
+    def final(self, staged: Path) -> Path:
+        """Where a staged file or folder ends up."""
+        return self.output / staged.relative_to(self.folder)
+
+    def path(self, relative: str | Path) -> Path:
+        """The staged path of ``relative`` (a file or folder of the output), to be moved into place."""
+        self.moves.append(Path(relative))
+        staged = self.folder / relative
+        with writing(self.output / relative):
+            staged.parent.mkdir(parents=True, exist_ok=True)
+        return staged
+
+    def write_text(self, relative: str, text: str) -> None:
+        with writing(self.output / relative):
+            store.atomic_write_text(self.path(relative), text)
+
+    def shown(self, progress: Callable[[str], None]) -> Callable[[str], None]:
+        """``progress`` showing the output folder where a message names the staging folder."""
+        return lambda message: progress(message.replace(str(self.folder), str(self.output)))
+
+    def move_into_place(self) -> None:
+        """Renames only: nothing more to write, so a full disk has already failed the export."""
+        for relative in self.moves:
+            source, destination = self.folder / relative, self.output / relative
+            with writing(destination):
+                if source.is_dir():
+                    replace_directory(source, destination)
+                else:
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, destination)
+        with writing(self.output):
+            store.fsync_path(self.output)
+
+
 def write_artifacts(
     exporter: Exporter,
     plan: Plan,
-    output: Path,
+    staged: Staged,
     calibration: np.ndarray | None,
     warnings: list[str],
     progress: Callable[[str], None],
 ) -> list[ArtifactReport]:
-    """Convert the model to every format of ``plan`` into ``output``; one report per file."""
+    """Convert the model to every format of ``plan`` into the staging folder; one report per
+    file, at its staged path. A failed write is reported at the file's place in the output."""
     artifacts: list[ArtifactReport] = []
     if "saved_model" in plan.formats:
         progress("Writing the SavedModel (TF Serving layout)")
-        staging = exporter.workdir / "saved_model"
-        exporter.saved_model(staging)
-        version_dir = output / SAVED_MODEL_DIR / str(SAVED_MODEL_VERSION)
-        replace_directory(staging, version_dir)
+        relative = Path(SAVED_MODEL_DIR) / str(SAVED_MODEL_VERSION)
+        version_dir = staged.path(relative)
+        with writing(staged.output / relative):
+            exporter.saved_model(version_dir)
         artifacts.append(ArtifactReport("saved_model", "none", str(version_dir), directory_size(version_dir)))
     if "onnx" in plan.formats:
         progress("Converting to ONNX")
-        path = output / ONNX_FILE
-        exporter.onnx(path)
+        path = staged.path(ONNX_FILE)
+        with writing(staged.output / ONNX_FILE):
+            exporter.onnx(path)
         artifacts.append(ArtifactReport("onnx", "none", str(path), path.stat().st_size))
     for mode in plan.modes:
         name = QUANTIZATION_NAMES[mode]
         progress(f"Converting to TFLite ({name})" + (" with calibration" if mode == "int8" else ""))
-        flatbuffer, conversion_warnings = exporter.tflite(mode, calibration, plan.int8_io)
+        file_name = TFLITE_INT8_IO_FILE if mode == "int8" and plan.int8_io else TFLITE_FILES[mode]
+        with writing(staged.output / file_name):
+            flatbuffer, conversion_warnings = exporter.tflite(mode, calibration, plan.int8_io)
+            path = staged.path(file_name)
+            write_bytes(path, flatbuffer)
         warnings.extend(conversion_warnings)
-        path = output / (TFLITE_INT8_IO_FILE if mode == "int8" and plan.int8_io else TFLITE_FILES[mode])
-        write_bytes(path, flatbuffer)
         artifacts.append(ArtifactReport("tflite", mode, str(path), len(flatbuffer)))
     return artifacts
 

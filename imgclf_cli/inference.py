@@ -10,11 +10,16 @@ interpreter) or an ``.onnx`` model (onnxruntime) never imports TensorFlow.
 Labels travel with the model: ``imgclf export`` writes them into the ``.tflite`` file (model
 metadata ``imgclf``), into the ONNX model (metadata property ``imgclf``), into the SavedModel's
 ``assets/labels.txt``, and as ``labels.txt`` beside every artifact.
+
+Every reader of a run (predict, evaluate, export) takes its model from ``best_model_of_run``,
+which warns about a run that did not complete, and the ones that write outputs check first,
+before TensorFlow loads, that they can (``check_output_folder``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from imgclf_cli import store
-from imgclf_cli.errors import ModelError
+from imgclf_cli.errors import ModelError, StoreError
 from imgclf_cli.resources import default_threads
 
 # Name of the metadata entry (TFLite) / metadata property (ONNX) that ``imgclf export`` writes:
@@ -33,6 +38,39 @@ SAVED_MODEL_FILE = "saved_model.pb"
 # The SavedModel signature that takes float images (serving_default takes encoded image bytes).
 IMAGES_SIGNATURE = "serving_images"
 SUPPORTED_MODELS_HINT = "pass a run folder, a .keras, .tflite or .onnx file, or a SavedModel folder"
+# A run in one of these states has no final model, but its best.keras is usable (with a warning).
+UNFINISHED_STATUSES = (
+    store.STATUS_RUNNING,
+    store.STATUS_CRASHED,
+    store.STATUS_INTERRUPTED,
+    store.STATUS_FAILED,
+)
+
+
+def best_model_of_run(run_dir: Path, on_warning: Callable[[str], None] | None = None) -> Path:
+    """The run's ``best.keras``. A run that did not complete (crashed, still training,
+    interrupted, failed) is used all the same, and ``on_warning`` says so in one line:
+    ``run X crashed after epoch 2 (last sign of life ...); using its best.keras``."""
+    path = store.best_model_path(run_dir)
+    state = store.run_state(run_dir)
+    if state.status in UNFINISHED_STATUSES and on_warning is not None:
+        on_warning(f"{state.describe(run_dir.name)}; using its {store.BEST_MODEL_FILE}")
+    return path
+
+
+def check_output_folder(folder: Path, what: str, hint: str) -> None:
+    """Fail now, in one line naming ``folder`` and the reason, if ``what`` (e.g. "the export")
+    cannot be written there (read-only, full, no permission), rather than after the model has
+    loaded. The nearest folder that exists is probed: nothing is created."""
+    probed = folder
+    while not probed.exists() and probed.parent != probed:
+        probed = probed.parent
+    try:
+        store.check_writable(probed)
+    except StoreError as error:
+        # check_writable words its message for the run store; its last part is the reason.
+        reason = error.message.rpartition(": ")[2]
+        raise StoreError(f"Cannot write {what} to {folder}: {reason}", hint) from None
 
 
 class Predictor(Protocol):
@@ -343,21 +381,23 @@ def load_predictor(
     model: str | Path | None = None,
     run: str | None = None,
     runs_dir: str | Path | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Predictor:
     """The predictor for ``--model`` (a file or folder) or, without it, the best model of ``--run``.
 
     The backend follows the path: a run folder or ``.keras`` file (Keras, imports TensorFlow),
     ``.tflite`` (LiteRT interpreter), ``.onnx`` (onnxruntime), a SavedModel folder (TensorFlow).
+    ``on_warning`` hears about a run that did not complete (``best_model_of_run``).
     """
     if model is None:
         run_dir = store.resolve_run(run or "latest", runs_dir)
-        return load_keras_predictor(store.best_model_path(run_dir), store.read_labels(run_dir))
+        return load_keras_predictor(best_model_of_run(run_dir, on_warning), store.read_labels(run_dir))
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelError(f"Model not found: {path}", SUPPORTED_MODELS_HINT)
     if path.is_dir():
         if store.is_run_dir(path):
-            return load_keras_predictor(store.best_model_path(path), store.read_labels(path))
+            return load_keras_predictor(best_model_of_run(path, on_warning), store.read_labels(path))
         version_dir = saved_model_version_dir(path)
         if version_dir is not None:
             return load_saved_model_predictor(version_dir)

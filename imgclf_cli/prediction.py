@@ -313,6 +313,7 @@ def predict(
     on_unreadable: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> PredictionReport:
     """Predict the class of every image in ``paths`` (files, folders, glob patterns).
 
@@ -320,8 +321,9 @@ def predict(
     SavedModel, ``.tflite`` or ``.onnx``), else the best model of ``run`` (default ``latest``).
     Results come in input order; an unreadable or missing file gets a result with ``error``
     set (and a call ``on_unreadable(path, reason)``). ``on_start(total)`` and
-    ``on_progress(count)`` report progress. Raises ``DatasetError`` when ``paths`` hold no
-    image file at all.
+    ``on_progress(count)`` report progress; ``on_warning(text)`` hears about a run that did not
+    complete (its best.keras is used). Raises ``DatasetError`` when ``paths`` hold no image file
+    at all.
     """
     if model is not None and run is not None:
         raise UsageError(
@@ -340,7 +342,7 @@ def predict(
         )
     started = time.perf_counter()
     if predictor is None:
-        predictor = load_predictor(model=model, run=run, runs_dir=runs_dir)
+        predictor = load_predictor(model=model, run=run, runs_dir=runs_dir, on_warning=on_warning)
     load_seconds = time.perf_counter() - started
     for entry in entries:
         if isinstance(entry, PredictionResult) and on_unreadable:

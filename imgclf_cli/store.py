@@ -82,12 +82,13 @@ def check_writable(root: Path) -> None:
     a full disk, no permission), rather than after TensorFlow has loaded or mid-training."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = Path(tempfile.mkstemp(prefix=f".write-check.{os.getpid()}.", dir=root)[1])
+        handle, name = tempfile.mkstemp(prefix=f".write-check.{os.getpid()}.", dir=root)
         try:
-            probe.write_bytes(b"\0" * 4096)
-            fsync_path(probe)
+            os.write(handle, b"\0" * 4096)
+            os.fsync(handle)
         finally:
-            probe.unlink(missing_ok=True)
+            os.close(handle)
+            Path(name).unlink(missing_ok=True)
     except OSError as error:
         raise StoreError(
             f"Cannot write runs to {root}: {error.strerror or error}",
@@ -500,14 +501,17 @@ def mark_outputs_stale(run_dir: Path) -> list[str]:
 
     Called whenever training writes best.keras: a new run has no such outputs and writes nothing.
     """
-    present = [
-        name for name in MODEL_OUTPUTS if (run_dir / name).is_dir() and any((run_dir / name).iterdir())
-    ]
+    present = [name for name in MODEL_OUTPUTS if has_outputs(run_dir / name)]
     if not present:
         return stale_outputs(run_dir)
     stale = sorted(set(stale_outputs(run_dir)) | set(present))
     update_meta(run_dir, **{STALE_KEY: stale})
     return stale
+
+
+def has_outputs(folder: Path) -> bool:
+    """Whether ``folder`` holds outputs (its hidden lock and staging files are not)."""
+    return folder.is_dir() and any(not entry.name.startswith(".") for entry in folder.iterdir())
 
 
 def stale_outputs(run_dir: Path) -> list[str]:

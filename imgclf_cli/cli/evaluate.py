@@ -56,7 +56,7 @@ def evaluate_command(
             data_dir=data_dir,
             runs_dir=runs_dir,
             batch_size=batch_size,
-            on_warning=warn,
+            on_warning=lambda text: warn(escape(text)),
             on_start=on_start,
             on_progress=on_progress,
         )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 
 from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption, flag
 from imgclf_cli.console import err, format_cell, make_table, out, print_json, status_callback, warn
@@ -133,6 +134,7 @@ def export_command(
                 int8_io=int8_io,
                 runs_dir=runs_dir,
                 on_progress=on_progress,
+                on_warning=lambda text: warn(escape(text)),
             )
         except ExportVerificationError as error:
             # The artifacts were written: show their numbers, then fail with the error's message.

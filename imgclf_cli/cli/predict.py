@@ -126,6 +126,15 @@ def predict_command(
         raise UsageError(
             "--run and --model were both given", "pass either --model FILE or --run RUN, not both"
         )
+    if output is not None:
+        from imgclf_cli.inference import check_output_folder
+
+        # Before the model loads: results that cannot be saved are not worth computing.
+        check_output_folder(
+            output.parent,
+            "the results",
+            "free some space or make it writable, or pass --output FILE elsewhere",
+        )
     chosen = resolve_format(output_format, output)
     # No progress bar for one file: it would be drawn and erased within milliseconds.
     one_file = len(paths) == 1 and Path(paths[0]).is_file()
@@ -140,6 +149,7 @@ def predict_command(
             on_unreadable=lambda path, reason: warn(f"{escape(path)}: {escape(reason)}"),
             on_start=on_start,
             on_progress=on_progress,
+            on_warning=lambda text: warn(escape(text)),
         )
     if output is not None:
         from imgclf_cli.store import atomic_write_text
