@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,18 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
-import tensorflow as tf
 
-from imgclf_cli import __version__, store
+from imgclf_cli import store
 from imgclf_cli.checkpointing import ResumePoint, parse_checkpoint_every
 from imgclf_cli.config import Config, given_keys, resolve_config, time_budget_seconds
 from imgclf_cli.dataset import (
-    DatasetScan,
     SplitManifest,
-    count_per_class,
-    make_manifest,
-    scan_dataset,
     skipped_as_dicts,
 )
 from imgclf_cli.errors import DatasetError, TrainingInterrupted
@@ -45,6 +38,7 @@ from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
 from imgclf_cli.fitting import TrainingData, build_before_tracing, fit_from, stopped_reason
 from imgclf_cli.liveness import TrainingLock, current_owner
 from imgclf_cli.models import build_model, canonical_model_name, load_model, sole_backbone
+from imgclf_cli.new_run import prepare_new_run
 from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
 from imgclf_cli.resuming import (
     choose_resume_point,
@@ -76,66 +70,6 @@ __all__ = ["TrainResult", "train"]
 
 # fit() needs a number of epochs: with a time budget and no epoch cap, one the clock never reaches.
 UNLIMITED_EPOCHS = 100_000
-
-
-def library_versions() -> dict[str, str]:
-    import PIL
-    import sklearn
-
-    return {
-        "imgclf": __version__,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "scikit-learn": sklearn.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def prepare_new_run(
-    data_dir: str | Path,
-    config: Config,
-    runs_dir: str | Path | None,
-    name: str | None,
-    listener: TrainingListener,
-    held: contextlib.ExitStack,
-) -> tuple[Path, SplitManifest, DatasetScan]:
-    started = time.perf_counter()
-    listener.on_status("Scanning images...")
-    scan = scan_dataset(data_dir)
-    manifest = make_manifest(scan, config.data.validation_split, config.seed)
-    config.resolve_image_size(scan.median_short_side)
-    model_name = canonical_model_name(config.model.name)
-    run_dir = store.create_run_dir(store.runs_root(runs_dir), model_name, name)
-    held.enter_context(TrainingLock(run_dir))
-    store.write_config(run_dir, config)
-    store.write_labels(run_dir, manifest.classes)
-    store.write_manifest(run_dir, manifest)
-    train_counts = count_per_class(manifest.train, len(manifest.classes))
-    store.update_meta(
-        run_dir,
-        run_id=run_dir.name,
-        status=store.STATUS_RUNNING,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        model=model_name,
-        image_size=list(config.image_size),
-        versions=library_versions(),
-        dataset={
-            "root": scan.root,
-            "layout": scan.layout,
-            "fingerprint": scan.fingerprint(),
-            "num_images": scan.num_images,
-            "num_train": len(manifest.train),
-            "num_val": len(manifest.val),
-            "num_test": len(manifest.test),
-            "train_per_class": dict(zip(manifest.classes, train_counts, strict=True)),
-        },
-        scan_seconds=round(time.perf_counter() - started, 3),
-        skipped_files=skipped_as_dicts(scan.skipped),
-    )
-    return run_dir, manifest, scan
 
 
 def pipeline_settings(
@@ -271,7 +205,9 @@ def train_run(
         if finished is not None:
             listener.on_info(finished.message)
             return finished.result
-        resumed_state = store.run_state(run_dir).describe(run_dir.name)
+        before = store.run_state(run_dir)
+        if before.status in (store.STATUS_CRASHED, store.STATUS_FAILED):
+            resumed_state = before.describe(run_dir.name)
         held.enter_context(TrainingLock(run_dir))
         stored, manifest = prepare_resume(run_dir, listener)
         config = resolve_config(config_file, overrides, flags, base=stored)

@@ -27,7 +27,7 @@ def test_run_dirs_are_unique_and_writes_atomic(tmp_path: Path) -> None:
         path.write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(store.StoreWriteError, match="disk full"):
         store.atomic_write(target, failing_write)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["file.json"]
