@@ -4,6 +4,7 @@ The files come from ``imgclf_cli.dataset_layout.list_dataset`` (the walk ``inspe
 shares); each file's header is read here to keep only images imgclf can decode. With the
 ``DATA_DIR/<class>/<images>`` layout a seeded, stratified validation split is drawn by
 ``stratified_split``; with ``DATA_DIR/{train,val,test}/<class>/<images>`` the given splits are used.
+``DATA_DIR`` may be an object store URL (``s3://bucket/prefix``): sample paths are then URLs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from imgclf_cli.dataset_layout import list_dataset
 from imgclf_cli.errors import DatasetError
+from imgclf_cli.filesystems import RemotePath, is_url, join, relative_path
 from imgclf_cli.images import ImageHeader, UnreadableImage, read_header
 
 
@@ -46,14 +48,26 @@ class DatasetScan:
     skipped: list[SkippedFile] = field(default_factory=list)
     median_short_side: int = 0
     """Median of min(width, height) over readable images (from headers)."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """On an object store: each image's size and ETag (or modification time), from the listing."""
 
     @property
     def num_images(self) -> int:
         return sum(len(samples) for samples in self.splits.values())
 
     def fingerprint(self) -> str:
-        """A hash of the file list (relative paths, sizes, labels): tells if the data changed."""
+        """A hash of the file list (relative paths, sizes, labels): tells if the data changed.
+
+        On an object store the sizes (and ETags) come from the listing: nothing is read again.
+        """
         digest = hashlib.sha256()
+        if is_url(self.root):
+            for split in sorted(self.splits):
+                for sample in self.splits[split]:
+                    relative = relative_path(sample.path, self.root)
+                    version = self.versions.get(sample.path, "-1")
+                    digest.update(f"{split}\t{relative}\t{version}\t{sample.label}\n".encode())
+            return digest.hexdigest()[:16]
         root = Path(self.root)
         for split in sorted(self.splits):
             for sample in self.splits[split]:
@@ -65,11 +79,14 @@ class DatasetScan:
 
 
 def probe_files(
-    paths: Sequence[Path], on_progress: Callable[[int], None] | None = None
+    paths: Sequence[Path | RemotePath], on_progress: Callable[[int], None] | None = None
 ) -> list[ImageHeader | str]:
-    """For each path, its ``ImageHeader`` if it reads as a supported image, else the reason."""
+    """For each path, its ``ImageHeader`` if it reads as a supported image, else the reason.
 
-    def probe(path: Path) -> ImageHeader | str:
+    On an object store each header is one ranged GET, made by the same pool of threads.
+    """
+
+    def probe(path: Path | RemotePath) -> ImageHeader | str:
         try:
             return read_header(path)
         except UnreadableImage as error:
@@ -134,7 +151,12 @@ def scan_dataset(data_dir: str | Path, on_progress: Callable[[int], None] | None
             f"The train split of {root} holds no readable images", "add images to train/<class>/"
         )
     median_short_side = sorted(short_sides)[len(short_sides) // 2]
-    return DatasetScan(str(root), listing.layout, class_names, splits, skipped, median_short_side)
+    versions = {
+        str(file.path): f"{file.path.size}\t{file.path.version}"
+        for file in files
+        if isinstance(file.path, RemotePath)
+    }
+    return DatasetScan(str(root), listing.layout, class_names, splits, skipped, median_short_side, versions)
 
 
 def count_per_class(samples: Iterable[Sample], num_classes: int) -> list[int]:
@@ -184,7 +206,7 @@ class SplitManifest:
 
     def to_json(self) -> str:
         def encode(samples: list[Sample]) -> list[list[object]]:
-            return [[Path(sample.path).relative_to(self.root).as_posix(), sample.label] for sample in samples]
+            return [[relative_path(sample.path, self.root), sample.label] for sample in samples]
 
         return json.dumps(
             {
@@ -204,7 +226,7 @@ class SplitManifest:
         root = document["root"]
 
         def decode(rows: list[list[object]]) -> list[Sample]:
-            return [Sample(str(Path(root) / str(path)), int(label)) for path, label in rows]  # type: ignore[call-overload]
+            return [Sample(join(root, str(path)), int(label)) for path, label in rows]  # type: ignore[call-overload]
 
         return cls(
             root=root,

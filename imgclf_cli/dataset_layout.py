@@ -9,7 +9,9 @@ files belong to which class and split, and on what is left out. Two layouts are 
   ``splits`` layout, recognised when a ``train`` folder is present.
 
 Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``._*`` and anything under a hidden
-folder) are never read. Only the standard library is used, so this module is light to import.
+folder) are never read. ``DATA_DIR`` may be the URL of a folder on an object store
+(``s3://bucket/prefix``): it is walked as a ``imgclf_cli.filesystems.RemotePath``, listed in one
+recursive listing. Only the standard library is used, so this module is light to import.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf_cli.errors import DatasetError
+from imgclf_cli.filesystems import RemotePath, is_url, remote_path
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -30,13 +33,15 @@ SPLIT_ALIASES = {
 }
 SPLIT_ORDER = tuple(dict.fromkeys(SPLIT_ALIASES.values()))  # train, val, test
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "icon\r"})
+# A local file or folder, or one on an object store (whose ``str()`` is its URL).
+DatasetPath = Path | RemotePath
 
 
 @dataclass(frozen=True)
 class DatasetFile:
     """One file of a class folder: read as an image of ``class_name`` unless it proves not to be one."""
 
-    path: Path
+    path: DatasetPath
     relative_path: str
     """Relative to the dataset root, with ``/`` separators."""
     class_name: str
@@ -52,10 +57,10 @@ class DatasetListing:
     with ``/`` separators; ``ignored_paths`` are files and folders outside any class folder.
     """
 
-    root: Path
+    root: DatasetPath
     layout: str
     """``folders`` (DATA_DIR/<class>/) or ``splits`` (DATA_DIR/train/<class>/ ...)."""
-    split_folders: dict[str, Path]
+    split_folders: dict[str, DatasetPath]
     """The folder of each split found, in the order train, val, test (empty for ``folders``)."""
     classes: list[str]
     """Every class folder's name, sorted; a class is in it even when its folders are empty."""
@@ -76,13 +81,15 @@ def list_dataset(data_dir: str | Path) -> DatasetListing:
     Raises ``DatasetError`` when ``data_dir`` is missing, not a folder, or holds no class folder.
     """
     root = resolve_dataset_root(data_dir)
+    if isinstance(root, RemotePath):
+        root.load_tree()
     detected = detect_split_dirs(root)
     split_folders = {split: detected[split] for split in SPLIT_ORDER if split in detected}
-    folders: dict[str | None, Path] = {None: root}
+    folders: dict[str | None, DatasetPath] = {None: root}
     if split_folders:
         folders = dict(split_folders)
 
-    def relative(path: Path) -> str:
+    def relative(path: DatasetPath) -> str:
         return path.relative_to(root).as_posix()
 
     classes: set[str] = set()
@@ -151,15 +158,17 @@ def check_dataset_folder(data_dir: str | Path, *, min_classes: int = 1) -> list[
     return classes
 
 
-def no_class_folders(root: Path) -> DatasetError:
+def no_class_folders(root: DatasetPath) -> DatasetError:
     return DatasetError(
         f"No class folders in {root}",
         "expected DATA_DIR/<class>/<images> or DATA_DIR/train/<class>/<images>",
     )
 
 
-def resolve_dataset_root(data_dir: str | Path) -> Path:
+def resolve_dataset_root(data_dir: str | Path) -> DatasetPath:
     """The absolute dataset folder; a ``DatasetError`` when it is missing or not a folder."""
+    if is_url(data_dir):
+        return resolve_remote_root(str(data_dir))
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise DatasetError(
@@ -173,16 +182,33 @@ def resolve_dataset_root(data_dir: str | Path) -> Path:
     return root.resolve()
 
 
-def is_hidden_or_system(path: Path) -> bool:
+def resolve_remote_root(url: str) -> RemotePath:
+    """The dataset folder at ``url``; ``DatasetError`` when nothing or a single file is there
+    (and ``RemoteStorageError`` when the store cannot be read)."""
+    found = remote_path(url)
+    if found is None:
+        raise DatasetError(
+            f"Dataset folder not found: {url}",
+            "pass the URL of the prefix that holds one folder of images per class "
+            "(s3://BUCKET/PREFIX for s3://BUCKET/PREFIX/<class>/<image>)",
+        )
+    if not found.is_dir():
+        raise DatasetError(
+            f"Dataset path is not a folder: {url}", "pass the URL of the prefix that holds the class folders"
+        )
+    return found
+
+
+def is_hidden_or_system(path: DatasetPath) -> bool:
     return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
 
 
-def detect_split_dirs(root: Path) -> dict[str, Path]:
+def detect_split_dirs(root: DatasetPath) -> dict[str, DatasetPath]:
     """Map ``train``/``val``/``test`` to folders of ``root`` when it uses the splits layout.
 
     Folders are tried in name order, so of ``val/`` and ``validation/`` only ``val/`` is used.
     """
-    found: dict[str, Path] = {}
+    found: dict[str, DatasetPath] = {}
     for child in sorted(root.iterdir()):
         split = SPLIT_ALIASES.get(child.name.lower())
         if child.is_dir() and split and split not in found:
@@ -190,10 +216,10 @@ def detect_split_dirs(root: Path) -> dict[str, Path]:
     return found if "train" in found else {}
 
 
-def class_folder_files(class_dir: Path) -> tuple[list[Path], list[Path]]:
+def class_folder_files(class_dir: DatasetPath) -> tuple[list[DatasetPath], list[DatasetPath]]:
     """The files under a class folder (recursively) that are read, and the hidden ones; each sorted."""
-    kept: list[Path] = []
-    hidden: list[Path] = []
+    kept: list[DatasetPath] = []
+    hidden: list[DatasetPath] = []
     for path in class_dir.rglob("*"):
         if path.is_file():
             inside_hidden_folder = any(part.startswith(".") for part in path.relative_to(class_dir).parts)

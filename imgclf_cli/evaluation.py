@@ -29,6 +29,7 @@ from imgclf_cli import store
 from imgclf_cli.dataset import DatasetScan, Sample, scan_dataset
 from imgclf_cli.errors import DatasetError, ImgclfError
 from imgclf_cli.export_formats import replace_directory, staging_folder, write_failures_suggest, writing
+from imgclf_cli.filesystems import exists_checker
 from imgclf_cli.images import UnreadableImage
 from imgclf_cli.inference import Predictor, best_model_of_run, check_output_folder, load_keras_predictor
 from imgclf_cli.prediction import decoded_batches, predict_decoded
@@ -254,7 +255,8 @@ def split_samples(run_dir: Path, labels: list[str]) -> EvaluationSet:
     samples = list(manifest.test or manifest.val)
     if not samples:
         raise DatasetError(f"The split manifest of {run_dir} holds no validation images", "pass DATA_DIR")
-    if not any(Path(sample.path).exists() for sample in samples):
+    exists = exists_checker(manifest.root)  # one listing, when the dataset is on an object store
+    if not any(exists(sample.path) for sample in samples):
         raise DatasetError(
             f"The {split} images of this run are no longer in {manifest.root}",
             "move the dataset back, or evaluate a labelled folder: imgclf evaluate DATA_DIR",

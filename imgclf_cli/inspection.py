@@ -8,7 +8,8 @@ exact duplicates (content hash) and near duplicates (perceptual hash), and a lis
 ordered by severity, each with what to do about it.
 
 Only Pillow, NumPy and the standard library are used (no TensorFlow), so it starts at once;
-flowers128 (4,317 JPEGs) takes about two seconds on two CPU cores.
+flowers128 (4,317 JPEGs) takes about two seconds on two CPU cores. ``data_dir`` may be an object
+store URL (``s3://bucket/prefix``): each object is then read once, in one GET, by the same pool.
 
 The walk of the folder is ``imgclf_cli.dataset_layout.list_dataset`` (shared with training),
 the duplicate search is ``imgclf_cli.duplicates``, the findings are the rules of
@@ -45,6 +46,7 @@ from PIL import Image
 from imgclf_cli.dataset_layout import DatasetFile, list_dataset
 from imgclf_cli.duplicates import group_exact_duplicates, group_near_duplicates, perceptual_hash_of
 from imgclf_cli.errors import UsageError
+from imgclf_cli.filesystems import RemotePath
 from imgclf_cli.images import (
     DECODE_ERRORS,
     SUPPORTED_FORMATS,
@@ -227,7 +229,7 @@ def image_record(file: DatasetFile, examination: FileExamination) -> ImageRecord
     )
 
 
-def examine_file(path: Path, perceptual: bool = True) -> FileExamination:
+def examine_file(path: Path | RemotePath, perceptual: bool = True) -> FileExamination:
     """Read one file once: content hash, format from content, full decode, perceptual hash.
 
     A header read alone misses truncated downloads, so the pixels are decoded too; JPEGs are
@@ -273,7 +275,7 @@ def examine_file(path: Path, perceptual: bool = True) -> FileExamination:
     )
 
 
-def header_problem(path: Path, data: bytes) -> str:
+def header_problem(path: Path | RemotePath, data: bytes) -> str:
     """Why a file is not an image imgclf can read, in the words ``imgclf train`` uses."""
     try:
         read_header(path)

@@ -14,11 +14,14 @@ from pathlib import Path
 
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
+from PIL import Image
 
 from imgclf_cli import store
 from imgclf_cli.errors import UsageError
+from imgclf_cli.filesystems import is_url, join
+from imgclf_cli.images import image_source
 from imgclf_cli.inspection_report import DuplicateGroups, ImageRecord, InspectionReport
-from imgclf_cli.plots import save_figure, thumbnail
+from imgclf_cli.plots import THUMBNAIL_SIDE, save_figure, thumbnail
 
 REPORT_JSON = "inspection.json"
 CLASS_DISTRIBUTION_PNG = "class_distribution.png"
@@ -73,6 +76,8 @@ def write_report(report: InspectionReport, output_dir: str | Path) -> list[Path]
 def check_report_dir(output_dir: str | Path, data_dir: str | Path) -> Path:
     """``output_dir`` resolved; ``UsageError`` when it lies inside the dataset folder."""
     output_dir = Path(output_dir).expanduser().resolve()
+    if is_url(data_dir):
+        return output_dir  # a local folder is never inside a dataset on an object store
     root = Path(data_dir).expanduser().resolve()
     if output_dir == root or root in output_dir.parents:
         raise UsageError(
@@ -183,9 +188,17 @@ def evenly_spaced(items: Sequence[ImageRecord], count: int) -> list[ImageRecord]
     return [items[int(index * step)] for index in range(count)]
 
 
+def thumbnail_of(root: str, relative: str, size: int = THUMBNAIL_SIDE) -> Image.Image | None:
+    """``plots.thumbnail`` of a dataset's image (read in one GET on an object store)."""
+    path = join(root, relative)
+    try:
+        return thumbnail(image_source(path), size)
+    except FileNotFoundError:  # gone from the store since it was inspected
+        return None
+
+
 def plot_samples(report: InspectionReport, path: Path) -> None:
     """A grid: one row per class, a few images spread over each class's file list."""
-    root = Path(report.root)
     by_class: dict[str, list[ImageRecord]] = defaultdict(list)
     for image in report.images:
         by_class[image.class_name].append(image)
@@ -207,7 +220,7 @@ def plot_samples(report: InspectionReport, path: Path) -> None:
             for spine in axis.spines.values():
                 spine.set_visible(False)
             if column < len(samples):
-                picture = thumbnail(root / samples[column].path)
+                picture = thumbnail_of(report.root, samples[column].path)
                 if picture is not None:
                     axis.imshow(picture)
             if column == 0:
@@ -315,7 +328,6 @@ def plot_near_duplicates(
 ) -> Figure:
     """Duplicate pairs side by side, two groups a row, each titled with its kind and distance
     and each image with its path and size. The figure says how many of ``total`` groups it shows."""
-    root = Path(report.root)
     rows = math.ceil(len(pairs) / GROUPS_PER_ROW)
     columns = min(len(pairs), GROUPS_PER_ROW)
     figure = plt.figure(
@@ -331,7 +343,7 @@ def plot_near_duplicates(
         for axis, image in zip(cell.subplots(1, 2), (pair.first, pair.second), strict=True):
             axis.set_xticks([])
             axis.set_yticks([])
-            picture = thumbnail(root / image.path, DUPLICATE_THUMBNAIL_SIDE)
+            picture = thumbnail_of(report.root, image.path, DUPLICATE_THUMBNAIL_SIDE)
             if picture is not None:
                 axis.imshow(picture)
             axis.set_title(f"{shorten_path(image.path)}\n{image.width}×{image.height}", fontsize=6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -18,7 +19,7 @@ from matplotlib import pyplot as plt  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from imgclf_cli import store  # noqa: E402
-from imgclf_cli.images import DECODE_ERRORS, to_rgb  # noqa: E402
+from imgclf_cli.images import DECODE_ERRORS, image_source, to_rgb  # noqa: E402
 
 THUMBNAIL_SIDE = 160
 
@@ -35,13 +36,14 @@ def save_figure(figure: plt.Figure, path: Path) -> None:
         plt.close(figure)
 
 
-def thumbnail(path: str | Path, size: int = THUMBNAIL_SIDE) -> Image.Image | None:
+def thumbnail(path: str | Path | BinaryIO, size: int = THUMBNAIL_SIDE) -> Image.Image | None:
     """The image as a person sees it, at most ``size`` pixels a side: first frame, EXIF
     orientation applied, 8-bit RGB, aspect ratio kept. ``None`` when it cannot be decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            source = image_source(path) if isinstance(path, (str, Path)) else path  # a URL: one GET
+            with Image.open(source) as image:
                 image.seek(0)
                 if image.format in ("JPEG", "MPO"):
                     # libjpeg decodes at a reduced scale: much faster for camera photos.

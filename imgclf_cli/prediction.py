@@ -3,7 +3,9 @@
 ``predict()`` is the library entry point behind ``imgclf predict``. This module is light: it
 never imports TensorFlow itself (only a Keras model's predictor does, when it is loaded), so a
 ``.tflite`` or ``.onnx`` model predicts without TensorFlow. Images are decoded by
-``imgclf_cli.images.load_image``, exactly as in training.
+``imgclf_cli.images.load_image``, exactly as in training. Paths may be object store URLs
+(``s3://bucket/prefix/image.jpg``, a prefix, or a pattern): they are listed and read through
+``imgclf_cli.filesystems``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgclf_cli import filesystems as remote
 from imgclf_cli.dataset_layout import is_hidden_or_system
 from imgclf_cli.errors import DatasetError, ImgclfError, UsageError
+from imgclf_cli.filesystems import RemotePath, is_url
 from imgclf_cli.images import UnreadableImage, load_image, read_header
 from imgclf_cli.inference import Predictor, load_predictor
 
@@ -77,7 +81,11 @@ class PredictionResult:
     def display_path(self) -> str:
         """``path`` relative to the folder argument it was found in, else as it was given: inside
         a folder, only the part below it tells the files apart."""
-        return self.path if self.folder is None else os.path.relpath(self.path, self.folder)
+        if self.folder is None:
+            return self.path
+        if is_url(self.folder):
+            return remote.relative_path(self.path, self.folder)
+        return os.path.relpath(self.path, self.folder)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,7 +149,7 @@ def is_glob(text: str) -> bool:
     return any(character in GLOB_CHARACTERS for character in text)
 
 
-def looks_like_image(path: Path) -> bool:
+def looks_like_image(path: Path | RemotePath) -> bool:
     """Content decides; the name only keeps a broken ``.jpg`` in the list (to report it)."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
@@ -175,13 +183,16 @@ def collect_paths(inputs: Sequence[str | Path]) -> list[FoundImage | PredictionR
     entries: list[FoundImage | PredictionResult] = []
     seen: set[str] = set()
 
-    def add(path: Path, folder: str | None = None) -> None:
-        key = os.path.normcase(os.path.abspath(path))
+    def add(path: str | Path, folder: str | None = None) -> None:
+        key = str(path) if is_url(path) else os.path.normcase(os.path.abspath(path))
         if key not in seen:
             seen.add(key)
             entries.append(FoundImage(str(path), folder))
 
     for item in inputs:
+        if is_url(item):
+            entries.extend(remote_entries(str(item), add))
+            continue
         text = os.path.expanduser(str(item))
         path = Path(text)
         if path.is_dir():
@@ -203,6 +214,33 @@ def collect_paths(inputs: Sequence[str | Path]) -> list[FoundImage | PredictionR
         else:
             entries.append(PredictionResult(text, error="file not found"))
     return entries
+
+
+def remote_entries(url: str, add: Callable[[str, str | None], None]) -> list[PredictionResult]:
+    """``collect_paths`` for one URL: an object, a prefix (every image under it) or a pattern.
+
+    Found images go to ``add``; what is returned is the error result of a URL that matched
+    nothing. A store that cannot be read raises ``RemoteStorageError``, before a model loads.
+    """
+    if is_glob(url):
+        matches = remote.glob(url)
+        for match in matches:
+            found = match.rglob("*") if match.is_dir() else [match]
+            for file in found:
+                if not is_hidden_or_system(file) and looks_like_image(file):
+                    add(str(file), None)
+        return [] if matches else [PredictionResult(url, error="no file matches this pattern")]
+    target = remote.remote_path(url)
+    if target is None:
+        return [PredictionResult(url, error="file not found")]
+    if target.is_file():
+        add(str(target), None)
+        return []
+    for file in target.rglob("*"):
+        hidden = any(part.startswith(".") for part in file.relative_to(target).parts)
+        if not hidden and not is_hidden_or_system(file) and looks_like_image(file):
+            add(str(file), target.url)
+    return []
 
 
 def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

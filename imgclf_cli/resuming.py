@@ -20,6 +20,7 @@ from imgclf_cli import store
 from imgclf_cli.checkpointing import PREVIOUS_CHECKPOINT_FILE, ResumePoint, choose_checkpoint
 from imgclf_cli.config import given_keys, resolve_config
 from imgclf_cli.errors import DatasetError, RunNotFoundError
+from imgclf_cli.filesystems import exists_checker
 from imgclf_cli.liveness import LOCK_FILE, RunBusyError, read_owner
 from imgclf_cli.time_budget import format_duration
 from imgclf_cli.training_events import (
@@ -115,7 +116,8 @@ def prepare_resume(run_dir: Path, listener: TrainingListener) -> tuple[dict[str,
     """The stored config values and split of ``run_dir``, once checked that it can go on."""
     stored = store.read_config_values(run_dir)
     manifest = store.read_manifest(run_dir)
-    missing = [sample.path for sample in manifest.train[:50] if not Path(sample.path).exists()]
+    exists = exists_checker(manifest.root)  # one listing, when the dataset is on an object store
+    missing = [sample.path for sample in manifest.train[:50] if not exists(sample.path)]
     if missing:
         raise DatasetError(
             f"The dataset of run {run_dir.name} is gone or moved: {missing[0]} does not exist",

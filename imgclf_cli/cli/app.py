@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand
 
 from imgclf_cli import __version__, quiet_logs
@@ -60,9 +61,11 @@ class PlainUsageCommand(TyperCommand):
 
 
 def render_error(error: ImgclfError) -> None:
-    err.print(f"[bold red]Error:[/bold red] {error.message}", highlight=False, markup=True, soft_wrap=True)
-    if error.hint:
-        err.print(f"[dim]Hint:[/dim] {error.hint}", highlight=False, markup=True, soft_wrap=True)
+    # Escaped: messages quote paths and commands, and "imgclf[s3]" or "photo[1].jpg" is not markup.
+    message, hint = escape(error.message), escape(error.hint or "")
+    err.print(f"[bold red]Error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True)
+    if hint:
+        err.print(f"[dim]Hint:[/dim] {hint}", highlight=False, markup=True, soft_wrap=True)
 
 
 def error_boundary(command: Command) -> Command:

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from imgclf_cli.cli.options import JsonOption, RunOption, RunsDirOption
 from imgclf_cli.console import err, make_table, out, print_json, progress_callbacks, warn
+from imgclf_cli.filesystems import is_url
 
 if TYPE_CHECKING:
     from imgclf_cli.evaluation import EvaluationReport
@@ -18,15 +19,27 @@ if TYPE_CHECKING:
 MAX_MATRIX_COLUMNS = 15
 
 
+def local_folder_or_url(value: str | None) -> str | None:
+    """DATA_DIR as given: a URL is checked when it is listed; a local folder must exist now."""
+    if value is None or is_url(value):
+        return value
+    folder = Path(value)
+    if not folder.exists():
+        raise typer.BadParameter(f"Directory '{value}' does not exist.")
+    if not folder.is_dir():
+        raise typer.BadParameter(f"Directory '{value}' is a file.")
+    return value
+
+
 def evaluate_command(
     data_dir: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
             help="A labelled folder: one sub-folder per class, named as the run's classes "
-            "(with train/ val/ test/ sub-folders: its test split, else val). "
+            "(with train/ val/ test/ sub-folders: its test split, else val); "
+            "or its s3://, gs:// or az:// URL. "
             "Default: the run's own test split, or its validation split when the dataset had no test split.",
-            exists=True,
-            file_okay=False,
+            callback=local_folder_or_url,
             metavar="DATA_DIR",
             show_default=False,
         ),

@@ -23,9 +23,10 @@ EXAMPLES_SHOWN = 5
 
 def inspect_dataset_command(
     data_dir: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="Folder with one sub-folder of images per class (or train/ val/ test/ splits of them).",
+            help="Folder with one sub-folder of images per class (or train/ val/ test/ splits of them), "
+            "or the s3://, gs:// or az:// URL of one.",
             metavar="DATA_DIR",
             show_default=False,
         ),

@@ -49,7 +49,8 @@ def predict_command(
     paths: Annotated[
         list[str],
         typer.Argument(
-            help="Image files, folders (searched recursively) and glob patterns such as 'photos/**/*.jpg'.",
+            help="Image files, folders (searched recursively) and glob patterns such as 'photos/**/*.jpg'; "
+            "each may be an s3://, gs:// or az:// URL.",
             metavar="PATH...",
             show_default=False,
         ),

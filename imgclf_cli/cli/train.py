@@ -20,10 +20,10 @@ STOPPED_BY_TITLES = {"early_stopping": " (stopped early)", "time_budget": " (tim
 
 def train_command(
     data_dir: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
-            help="Folder with one sub-folder of images per class (or train/ val/ test/ splits of them). "
-            "Default: ./sample_data when it exists.",
+            help="Folder with one sub-folder of images per class (or train/ val/ test/ splits of them), "
+            "or the s3://, gs:// or az:// URL of one. Default: ./sample_data when it exists.",
             metavar="DATA_DIR",
             show_default=False,
         ),
@@ -143,7 +143,7 @@ def train_command(
             raise DatasetError(
                 "No DATA_DIR given and ./sample_data does not exist", "run: imgclf train PATH/TO/IMAGES"
             )
-        data_dir = SAMPLE_DATA
+        data_dir = str(SAMPLE_DATA)
     # TensorFlow takes seconds to load: a mistake in the config or the dataset's folders is
     # reported before it does (train() checks them again, in milliseconds).
     from imgclf_cli.config import resolve_config
@@ -196,6 +196,16 @@ def train_command(
         if interrupted.hint:
             err.print(interrupted.hint[:1].upper() + interrupted.hint[1:], highlight=False, markup=False)
         raise typer.Exit(interrupted.exit_code) from None
+    except Exception as error:
+        # A dataset on an object store is read in tf.data's threads: TensorFlow re-raises what
+        # went wrong there (credentials, network) as its own error; report the original.
+        from imgclf_cli.filesystems import failure_behind
+
+        remote_failure = failure_behind(error)
+        if remote_failure is None:
+            raise
+        resume_hint = f"{remote_failure.hint}; then go on with: imgclf train --resume latest"
+        raise type(remote_failure)(remote_failure.message, resume_hint) from None
     if json_output:
         print_json(result.to_dict())
         return
