@@ -80,8 +80,8 @@ class TrainConfig:
     """Epochs without val_loss improvement before stopping (0 turns early stopping off); with train.time_budget only when given."""  # noqa: E501 (one line: it is the --print-config comment)
     mixed_precision: Literal["auto", "true", "false"] = "auto"
     """auto: float16 mixed precision when a GPU is present."""
-    distribute: Literal["auto", "mirrored", "none"] = "auto"
-    """auto: tf.distribute.MirroredStrategy when more than one GPU is present."""
+    distribute: Literal["auto", "mirrored", "multi_worker", "none"] = "auto"
+    """auto: multi_worker when TF_CONFIG names several workers (docs/distributed.md), else tf.distribute.MirroredStrategy when more than one GPU is present."""  # noqa: E501 (one line: it is the --print-config comment)
     cache_features: Literal["auto", "false"] = "auto"
     """auto: with a frozen pretrained backbone, compute its features once and train the head on them (then fine_tune_epochs on images when model.fine_tune_layers > 0); false: run the backbone every epoch."""  # noqa: E501 (one line: it is the --print-config comment)
     checkpoint_every: str = "epoch"
@@ -140,7 +140,9 @@ class Config:
         if train.mixed_precision == "auto":
             train.mixed_precision = "false" if precision_policy == "float32" else "true"
         if train.distribute == "auto":
-            train.distribute = "mirrored" if strategy == "MirroredStrategy" else "none"
+            # MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
+            decided = {"MirroredStrategy": "mirrored", "CollectiveAllReduceStrategy": "multi_worker"}
+            train.distribute = decided.get(strategy, "none")
         if train.class_weights == "auto" and class_weights is None:
             train.class_weights = "none"
         elif train.class_weights == "auto" and class_weights is not None:

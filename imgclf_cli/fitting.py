@@ -37,6 +37,10 @@ class TrainingData:
     """Batches the training stream skips at its start (a resumed run's)."""
 
 
+# Runs epochs as fit_quietly does, taking its arguments.
+FitFunction = Callable[..., None]
+
+
 def fit_from(
     model: keras.Model,
     data: TrainingData,
@@ -48,15 +52,18 @@ def fit_from(
     images: bool,
     resume: CheckpointPosition | None = None,
     stream_after: Callable[[int], TrainingData] | None = None,
+    fit: FitFunction | None = None,
 ) -> None:
     """``fit`` from ``initial_epoch`` to ``epochs``; with ``resume`` (a mid-epoch position at
     ``initial_epoch``), the rest of that epoch first, then the others on ``stream_after(n)``:
-    the training stream that skips the first ``n`` batches."""
+    the training stream that skips the first ``n`` batches. ``fit``: what runs the epochs, with
+    ``fit_quietly``'s arguments (default: ``fit_quietly``; multi-worker training has its own)."""
+    fit = fit or fit_quietly
     recorder.steps_per_epoch = data.steps_per_epoch
     if resume is not None and resume.step and resume.epoch == initial_epoch and stream_after is not None:
         remaining = max(1, data.steps_per_epoch - resume.step)
         recorder.start_stream(data.skipped_batches, images, resume)
-        fit_quietly(
+        fit(
             model,
             dataclasses.replace(data, steps_per_epoch=remaining),
             initial_epoch + 1,
@@ -70,7 +77,7 @@ def fit_from(
         data = stream_after(data.skipped_batches + remaining)
     recorder.start_stream(data.skipped_batches, images)
     if initial_epoch < epochs:
-        fit_quietly(model, data, epochs, initial_epoch, callbacks, class_weight)
+        fit(model, data, epochs, initial_epoch, callbacks, class_weight)
 
 
 def stopped(recorder: RunRecorder, callbacks: list[keras.callbacks.Callback]) -> bool:

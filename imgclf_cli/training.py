@@ -22,6 +22,7 @@ import keras
 
 from imgclf_cli import store
 from imgclf_cli.checkpointing import ResumePoint, parse_checkpoint_every
+from imgclf_cli.cluster import cluster_from_environment, private_store
 from imgclf_cli.config import Config, given_keys, resolve_config, time_budget_seconds
 from imgclf_cli.dataset import (
     SplitManifest,
@@ -38,6 +39,7 @@ from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
 from imgclf_cli.fitting import TrainingData, build_before_tracing, fit_from, stopped_reason
 from imgclf_cli.liveness import TrainingLock, current_owner
 from imgclf_cli.models import build_model, canonical_model_name, load_model, sole_backbone
+from imgclf_cli.multi_worker import join_team
 from imgclf_cli.new_run import prepare_new_run
 from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
 from imgclf_cli.resuming import (
@@ -156,10 +158,14 @@ def train(
     """
     listener = listener or TrainingListener()
     clock_start = time.monotonic() if clock_start is None else clock_start
+    cluster = cluster_from_environment()
     # The run's training lock (and heartbeat), released however training ends.
     held = contextlib.ExitStack()
     try:
         with full_disk_reported(runs_dir), held:
+            if cluster is not None and not cluster.is_chief:
+                # A worker other than the chief trains in a private store (imgclf_cli.cluster).
+                runs_dir, resume = held.enter_context(private_store(resume, runs_dir))
             return train_run(
                 data_dir,
                 config,
@@ -235,7 +241,8 @@ def train_run(
     position = resume_point.position if resume_point is not None else None
     image_position = position if position is not None and position.images else None
     policy = configure_precision(config)
-    strategy = choose_strategy(config)
+    strategy = choose_strategy(config, listener.on_status)
+    team = join_team(strategy, run_dir, manifest, bool(resume), listener)  # None on one machine
     failures = DecodeFailures()
     cache_dir = store.cache_dir(run_dir)
     # A disk cache left by an interrupted run is incomplete (and locked): start it afresh.
@@ -317,6 +324,7 @@ def train_run(
             fine_tuning.estimate_epoch(feature_seconds)
             later_seconds = fine_tuning.reserve_seconds(clock.training_end() - clock.now())
             clock.deadline -= later_seconds
+    checkpoint_every = parse_checkpoint_every(config.train.checkpoint_every)
     recorder = RunRecorder(
         run_dir,
         state,
@@ -326,17 +334,19 @@ def train_run(
         listener,
         clock,
         checkpoint_model=model,
-        checkpoint_every=parse_checkpoint_every(config.train.checkpoint_every),
+        checkpoint_every=team.agreed(checkpoint_every) if team else checkpoint_every,
         steps_per_epoch=fit_data.steps_per_epoch,
     )
     plateau = config.train.lr_schedule == "plateau"
     callbacks, time_keeper = fit_callbacks(
         recorder, listener, clock, budget, max_epochs, plateau, later_epochs, later_seconds
     )
+    # Another worker's run is a private copy: it shows the chief's.
+    shown_run = team.chief_run_dir if team else run_dir
     listener.on_training_start(
         TrainingStarted(
-            run_id=run_dir.name,
-            run_dir=str(run_dir),
+            run_id=shown_run.name,
+            run_dir=str(shown_run),
             model_name=canonical_model_name(config.model.name),
             num_classes=num_classes,
             num_train=len(manifest.train),
@@ -378,6 +388,7 @@ def train_run(
                 on_images,
                 image_position if on_images else None,
                 lambda skip: training_data(skip, "train-rest"),
+                team.fit if team else None,
             )
             stopped_by = stopped_reason(recorder, time_keeper)
         if fine_tuning is not None and fine_tuning.epochs and state.history and not recorder.empty_split:
@@ -446,7 +457,8 @@ def train_run(
         raise DatasetError("No epoch completed", "check that the dataset holds readable images")
     store.update_meta(run_dir, time_budget=budget, stopped_by=stopped_by)
     finish_run(run_dir, state, store.STATUS_COMPLETED, train_seconds, all_skipped, listener)
-    return recorded_result(run_dir, trained=True)
+    result = recorded_result(run_dir, trained=True)
+    return team.finished(result) if team else result
 
 
 def head_on_cached_features(

@@ -5,18 +5,29 @@ numeric precision and the distribution strategy, each chosen from the config.  [
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from imgclf_cli.cluster import check_distribute, cluster_from_environment, worker_timeout_seconds
 from imgclf_cli.config import Config
 from imgclf_cli.dataset import SplitManifest, count_per_class
 from imgclf_cli.errors import ImgclfError
 
 
-def choose_strategy(config: Config) -> tf.distribute.Strategy:
+def choose_strategy(config: Config, on_status: Callable[[str], None] | None = None) -> tf.distribute.Strategy:
+    """``train.distribute``: across the workers ``TF_CONFIG`` names (``imgclf_cli.multi_worker``;
+    created before anything else starts TensorFlow's runtime, as it must be), else mirrored
+    over this machine's GPUs, else the default (one device)."""
+    cluster = cluster_from_environment()
+    check_distribute(config, cluster)
+    if cluster is not None:
+        from imgclf_cli.multi_worker import cluster_strategy
+
+        return cluster_strategy(cluster, worker_timeout_seconds(), on_status)
     gpus = tf.config.list_logical_devices("GPU")
     mode = config.train.distribute
     if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):

@@ -146,22 +146,29 @@ def train_command(
         data_dir = str(SAMPLE_DATA)
     # TensorFlow takes seconds to load: a mistake in the config or the dataset's folders is
     # reported before it does (train() checks them again, in milliseconds).
+    from imgclf_cli.cluster import check_distribute, chief_run, cluster_from_environment
     from imgclf_cli.config import resolve_config
     from imgclf_cli.dataset_layout import check_dataset_folder
 
-    resolve_config(config_file, overrides, flags)
+    config = resolve_config(config_file, overrides, flags)
+    # Another worker of a multi-worker training writes nothing in the store, and resumes the
+    # run that the chief holds (imgclf_cli.cluster).
+    cluster = cluster_from_environment()
+    follows_chief = cluster is not None and not cluster.is_chief
     if resume is None:
+        check_distribute(config, cluster)
         check_dataset_folder(data_dir, min_classes=2)
         from imgclf_cli.store import check_writable, runs_root
 
-        check_writable(runs_root(runs_dir))
+        if not follows_chief:
+            check_writable(runs_root(runs_dir))
     else:
         from imgclf_cli.resuming import find_resumable, nothing_to_resume
         from imgclf_cli.store import check_writable
 
         # A completed run asked for nothing more, a run still training or a store that cannot
         # be written answer now, not after TensorFlow has loaded.
-        run_dir = find_resumable(resume, runs_dir)
+        run_dir = chief_run(resume, runs_dir) if follows_chief else find_resumable(resume, runs_dir)
         finished = nothing_to_resume(run_dir, config_file, overrides, flags, runs_dir)
         if finished is not None:
             err.print(finished.message, highlight=False, markup=False)
@@ -169,7 +176,8 @@ def train_command(
             if json_output:
                 print_json(finished.result.to_dict())
             return
-        check_writable(run_dir)
+        if not follows_chief:
+            check_writable(run_dir)
 
     from imgclf_cli.cli.training_view import TrainingView
     from imgclf_cli.resources import seconds_since_process_start
