@@ -2,13 +2,14 @@
 
 Every node runs the same ``imgclf train`` with ``TF_CONFIG`` naming the cluster
 (``imgclf_cli.cluster``); TensorFlow's ``MultiWorkerMirroredStrategy`` keeps one replica of the
-model per worker and all-reduces the gradients of every step. Keras 3's ``model.fit`` cannot
-run under that strategy (keras-team/keras#20585: its data adapter fails on the per-replica
-batches), so ``MultiWorkerFit`` runs fit's epochs itself, with fit's own parts: the model's
-``train_step``/``test_step`` (loss, label smoothing, class weights as sample weights, optimizer
-and schedule, metrics, augmentation inside the model) and the run's callbacks, called as fit
-calls them (``RunRecorder``: history, checkpoints, early stopping). It plugs into
-``imgclf_cli.fitting.fit_from`` in place of ``fit``, so resuming within an epoch is shared too.
+model per worker and all-reduces the gradients of every step. Keras 3's ``model.fit`` cannot run
+under that strategy (keras-team/keras#20585: its data adapter fails on the per-replica batches),
+so ``DistributedFit`` runs fit's epochs itself (and, see ``custom_fit``, for ``mirrored`` too),
+with fit's own parts: the model's ``train_step``/``test_step`` (loss, label smoothing, class
+weights as sample weights, optimizer and schedule, metrics, augmentation inside the model) and
+the run's callbacks, called as fit calls them (``RunRecorder``: history, checkpoints, early
+stopping). It plugs into ``imgclf_cli.fitting.fit_from`` in place of ``fit``, so resuming within
+an epoch is shared too.
 
 Data order: every worker builds the run's one seeded training stream of global batches
 (``data.batch_size`` images) and keeps its own slice of each (``replica_batches``). A step thus
@@ -150,7 +151,7 @@ class Team:
     timeout_seconds: float
     chief_run_dir: Path
     """The run the chief writes (on the chief's filesystem)."""
-    fits: dict[int, MultiWorkerFit] = field(default_factory=dict)
+    fits: dict[int, DistributedFit] = field(default_factory=dict)
     gather: Callable[[np.ndarray], np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -168,7 +169,7 @@ class Team:
         """What ``fitting.fit_quietly`` does, on every worker together."""
         # One per model: its traced step functions are reused across the fits of a resume.
         if id(model) not in self.fits:
-            self.fits[id(model)] = MultiWorkerFit(self, model)
+            self.fits[id(model)] = DistributedFit(self.strategy, model)
         with self.lost_worker_reported():
             self.fits[id(model)].run(data, epochs, initial_epoch, callbacks, class_weight)
 
@@ -321,19 +322,40 @@ def replica_batches(
     dataset: tf.data.Dataset, num_replicas: int
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """For ``distribute_datasets_from_function``: a worker's share of ``dataset``'s global
-    batches, one slice per local replica (the replicas of a worker take consecutive elements)."""
+    batches, one slice per local replica (the replicas of a worker take consecutive elements).
+    A batch that does not divide evenly (validation's last) is split into slices whose sizes
+    differ by at most one image: every replica's loss is weighted by its number of images, so
+    the results are those of the whole batch. A batch smaller than the number of replicas (the
+    last, when images failed to decode) is left out: an empty slice would give a NaN loss."""
+    batch_size = dataset.element_spec[0].shape[0]
+    even = batch_size is not None and batch_size % num_replicas == 0
 
     def for_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = num_replicas // context.num_input_pipelines
         first = context.input_pipeline_id * local
 
-        def slices(*batch: tf.Tensor) -> tf.data.Dataset:
+        def even_slices(*batch: tf.Tensor) -> tf.data.Dataset:
             split = tuple(
                 tf.reshape(part, [num_replicas, -1, *part.shape[1:]])[first : first + local] for part in batch
             )
             return tf.data.Dataset.from_tensor_slices(split)
 
-        sliced = dataset.flat_map(slices)
+        def uneven_slices(*batch: tf.Tensor) -> tf.data.Dataset:
+            size = tf.shape(batch[0], out_type=tf.int64)[0]
+            base, extra = size // num_replicas, size % num_replicas
+
+            def replica_slice(replica: tf.Tensor) -> tuple[tf.Tensor, ...]:
+                start = replica * base + tf.minimum(replica, extra)
+                end = start + base + tf.cast(replica < extra, tf.int64)
+                return tuple(part[start:end] for part in batch)
+
+            return tf.data.Dataset.range(first, first + local).map(replica_slice)
+
+        if even:
+            sliced = dataset.flat_map(even_slices)
+        else:
+            enough = dataset.filter(lambda *batch: tf.shape(batch[0])[0] >= num_replicas)
+            sliced = enough.flat_map(uneven_slices)
         if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
             # Known to be endless (flat_map cannot tell), a worker's iterator takes each batch
             # without first asking all workers whether they still have one: a collective
@@ -344,13 +366,40 @@ def replica_batches(
     return for_worker
 
 
-class MultiWorkerFit:
-    """Keras fit's loop over epochs and steps, for one model, on all workers together."""
+def custom_fit(strategy: tf.distribute.Strategy, team: Team | None) -> Callable[..., None] | None:
+    """What runs the epochs under ``strategy`` in place of Keras fit (``None``: fit itself,
+    on one device). Several workers: the team's loop. Several devices of one machine: the same
+    loop, rather than fit's own distribution of the stream, which deals the seeded batches to
+    the replicas in another order (a mirrored run then trains on other batches than one device
+    would) and needs validation batches that divide evenly."""
+    if team is not None:
+        return team.fit
+    if strategy.num_replicas_in_sync < 2:
+        return None
+    loops: dict[int, DistributedFit] = {}
 
-    def __init__(self, team: Team, model: keras.Model) -> None:
-        self.team = team
+    def fit(
+        model: keras.Model,
+        data: TrainingData,
+        epochs: int,
+        initial_epoch: int,
+        callbacks: list[keras.callbacks.Callback],
+        class_weight: dict[int, float] | None,
+    ) -> None:
+        if id(model) not in loops:  # its traced step functions serve every fit of a resume
+            loops[id(model)] = DistributedFit(strategy, model)
+        loops[id(model)].run(data, epochs, initial_epoch, callbacks, class_weight)
+
+    return fit
+
+
+class DistributedFit:
+    """Keras fit's loop over epochs and steps, for one model, on all replicas of ``strategy``
+    together (every worker's, in multi-worker training)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model) -> None:
+        self.strategy = strategy
         self.model = model
-        strategy = team.strategy
         self.num_replicas = strategy.num_replicas_in_sync
 
         def local_means(logs: dict) -> dict[str, tf.Tensor]:
@@ -374,9 +423,7 @@ class MultiWorkerFit:
         self.test_step = test_step
 
     def distribute(self, dataset: tf.data.Dataset) -> tf.distribute.DistributedDataset:
-        return self.team.strategy.distribute_datasets_from_function(
-            replica_batches(dataset, self.num_replicas)
-        )
+        return self.strategy.distribute_datasets_from_function(replica_batches(dataset, self.num_replicas))
 
     def run(
         self,

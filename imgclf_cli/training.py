@@ -39,7 +39,7 @@ from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
 from imgclf_cli.fitting import TrainingData, build_before_tracing, fit_from, stopped_reason
 from imgclf_cli.liveness import TrainingLock, current_owner
 from imgclf_cli.models import build_model, canonical_model_name, load_model, sole_backbone
-from imgclf_cli.multi_worker import join_team
+from imgclf_cli.multi_worker import custom_fit, join_team
 from imgclf_cli.new_run import prepare_new_run
 from imgclf_cli.pipeline import DecodeFailures, cache_fits_in_memory, make_dataset
 from imgclf_cli.resuming import (
@@ -105,30 +105,46 @@ def make_training_data(
 ) -> TrainingData:
     """The streams of a run; the training one skips its first ``skip_batches`` (a resume)."""
     common = pipeline_settings(config, manifest, failures, cache=config.data.cache, cache_dir=cache_dir)
-    # Under MirroredStrategy a batch split unevenly across replicas fails inside Keras (AddN
-    # of mismatched shapes): every batch must be a multiple of the number of replicas.
-    val_batch = config.data.batch_size
+    # With several replicas each training batch is split evenly among them: a multiple of the
+    # number of replicas.
+    train_batch, val_batch, val_drop = config.data.batch_size, config.data.batch_size, False
     if replicas > 1:
         train_batch = max(replicas, min(config.data.batch_size, len(manifest.train)) // replicas * replicas)
-        val_batch = max(replicas, min(train_batch, len(manifest.val) // replicas * replicas))
-        common["batch_size"] = train_batch
-    # Training batches are always full (see make_dataset), as MirroredStrategy needs.
+        val_batch = validation_batch_size(len(manifest.val), train_batch, replicas)
+        val_drop = val_batch is None
+        val_batch = val_batch or replicas
+    # Training batches are always full (see make_dataset).
     train_data = make_dataset(
-        manifest.train, training=True, cache_name=cache_name, skip_batches=skip_batches, **common
+        manifest.train,
+        training=True,
+        cache_name=cache_name,
+        skip_batches=skip_batches,
+        **common | {"batch_size": train_batch},
     )
-    steps_per_epoch = max(1, math.ceil(len(manifest.train) / common["batch_size"]))
-    if replicas > 1:
-        common["batch_size"] = val_batch
-        left_out = len(manifest.val) % val_batch
-        if left_out:
-            listener.on_info(
-                f"Note: with {replicas} replicas, validation uses full batches of {val_batch} only "
-                f"({left_out} of {len(manifest.val)} images left out)."
-            )
+    steps_per_epoch = max(1, math.ceil(len(manifest.train) / train_batch))
+    if val_drop and len(manifest.val) % val_batch:
+        listener.on_info(
+            f"Note: with {replicas} replicas, validation uses full batches of {val_batch} only "
+            f"({len(manifest.val) % val_batch} of {len(manifest.val)} images left out)."
+        )
     val_data = make_dataset(
-        manifest.val, training=False, cache_name="val", drop_remainder=replicas > 1, **common
+        manifest.val,
+        training=False,
+        cache_name="val",
+        drop_remainder=val_drop,
+        **common | {"batch_size": val_batch},
     )
-    return TrainingData(train_data, val_data, steps_per_epoch, common["batch_size"], skip_batches)
+    return TrainingData(train_data, val_data, steps_per_epoch, train_batch, skip_batches)
+
+
+def validation_batch_size(num_val: int, largest: int, replicas: int) -> int | None:
+    """A validation batch size, at most ``largest``, whose batches, the last included, give every
+    replica at least one image (``imgclf_cli.multi_worker.replica_batches``); ``None`` when
+    none does (fewer images than replicas)."""
+    for size in range(min(largest, num_val), replicas - 1, -1):
+        if num_val % size == 0 or num_val % size >= replicas:
+            return size
+    return None
 
 
 def train(
@@ -388,7 +404,7 @@ def train_run(
                 on_images,
                 image_position if on_images else None,
                 lambda skip: training_data(skip, "train-rest"),
-                team.fit if team else None,
+                custom_fit(strategy, team),
             )
             stopped_by = stopped_reason(recorder, time_keeper)
         if fine_tuning is not None and fine_tuning.epochs and state.history and not recorder.empty_split:
