@@ -29,6 +29,8 @@ class DataConfig:
     image_size: Literal["auto"] | int | list[int] = "auto"
     """Input size: auto, one number (square) or [height, width]. auto: 224 for pretrained backbones; for imgclf-cnn the images' median short side, rounded up to a multiple of 16, between 32 and 128."""  # noqa: E501 (one line: it is the --print-config comment)
     batch_size: int = 32
+    batch_per_replica: bool = False
+    """false: batch_size is the global batch, split among the replicas (GPUs, workers); true: each replica's, so the global batch grows with them (scale the learning rate too: docs/distributed.md)."""  # noqa: E501 (one line: it is the --print-config comment)
     validation_split: float = 0.2
     """Fraction of each class held out for validation when the dataset has no val/ folder."""
     cache: Literal["auto", "memory", "disk", "none"] = "auto"

@@ -109,7 +109,8 @@ def make_training_data(
     # number of replicas.
     train_batch, val_batch, val_drop = config.data.batch_size, config.data.batch_size, False
     if replicas > 1:
-        train_batch = max(replicas, min(config.data.batch_size, len(manifest.train)) // replicas * replicas)
+        wanted = config.data.batch_size * (replicas if config.data.batch_per_replica else 1)
+        train_batch = max(replicas, min(wanted, len(manifest.train)) // replicas * replicas)
         val_batch = validation_batch_size(len(manifest.val), train_batch, replicas)
         val_drop = val_batch is None
         val_batch = val_batch or replicas

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -458,3 +459,58 @@ def test_validation_batches_give_every_replica_an_image() -> None:
             assert num_val % size == 0 or num_val % size >= replicas
     assert validation_batch_size(18, 32, 2) == 18
     assert validation_batch_size(33, 32, 2) == 31
+
+
+def test_evaluate_predict_and_export_use_the_chiefs_run_as_one_devices(
+    three_ways: ThreeWays, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from imgclf_cli.cli.app import app
+
+    runner = CliRunner()
+    answers = {}
+    for name, run in (("chief", three_ways.chief), ("one-device", three_ways.one_device)):
+        copy = tmp_path / name / run.name
+        shutil.copytree(run, copy)
+        evaluated = runner.invoke(app, ["evaluate", "--run", str(copy), "--json"])
+        assert evaluated.exit_code == 0, evaluated.output
+        image = store.read_manifest(copy).val[0].path
+        predicted = runner.invoke(app, ["predict", image, "--run", str(copy), "--format", "json"])
+        assert predicted.exit_code == 0, predicted.output
+        exported = runner.invoke(app, ["export", "--run", str(copy), "--tflite", "--json"])
+        assert exported.exit_code == 0, exported.output
+        assert json.loads(exported.stdout)["verified"] is True
+        report = json.loads(evaluated.stdout)
+        answers[name] = (report["accuracy"], report["confusion_matrix"], json.loads(predicted.stdout))
+    (accuracy, matrix, predictions), (want_accuracy, want_matrix, want_predictions) = answers.values()
+    assert (accuracy, matrix) == (want_accuracy, want_matrix)
+    assert predictions[0]["label"] == want_predictions[0]["label"]
+    assert predictions[0]["confidence"] == pytest.approx(want_predictions[0]["confidence"], abs=1e-4)
+
+
+@pytest.mark.parametrize(("per_replica", "global_batch"), [(False, 8), (True, 16)])
+def test_the_global_batch_is_the_batch_size_unless_per_replica(
+    data: Path, tmp_path: Path, per_replica: bool, global_batch: int
+) -> None:
+    from imgclf_cli.config import resolve_config
+    from imgclf_cli.dataset import make_manifest, scan_dataset
+    from imgclf_cli.pipeline import DecodeFailures
+    from imgclf_cli.training import make_training_data
+    from imgclf_cli.training_events import TrainingListener
+
+    overrides = [
+        "data.batch_size=8",
+        "data.image_size=16",
+        f"data.batch_per_replica={str(per_replica).lower()}",
+    ]
+    config = resolve_config(None, overrides, {})
+    manifest = make_manifest(scan_dataset(data), config.data.validation_split, config.seed)
+    streams = make_training_data(config, manifest, 2, DecodeFailures(), tmp_path, TrainingListener())
+    assert streams.batch_size == global_batch
+    assert streams.steps_per_epoch == -(-len(manifest.train) // global_batch)
+    images, _ = next(iter(streams.train))
+    assert images.shape[0] == global_batch
+    # Validation: every image, in batches that leave each of the 2 replicas at least one.
+    sizes = [int(images.shape[0]) for images, _ in streams.val]
+    assert sum(sizes) == len(manifest.val) and min(sizes) >= 2
