@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -90,6 +90,10 @@ class TrainConfig:
     """How often last.keras is saved: epoch (each epoch's end, and within an epoch at least every 10 minutes), <N>steps, or a duration (5m): what a crash can cost at most."""  # noqa: E501 (one line: it is the --print-config comment)
     fine_tune_epochs: int = 3
     """With cache_features auto and model.fine_tune_layers > 0: epochs that then train those layers on images, at a tenth of the learning rate (0: none)."""  # noqa: E501 (one line: it is the --print-config comment)
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run>/tensorboard/ (per-epoch loss, accuracy, learning rate; evaluate adds its metrics and images): tensorboard --logdir runs/."""  # noqa: E501 (one line: it is the --print-config comment)
+    mlflow: bool = False
+    """Log the run to MLflow (needs pip install "imgclf[mlflow]"); also on when MLFLOW_TRACKING_URI is set."""  # noqa: E501 (one line: it is the --print-config comment)
 
 
 @dataclass
@@ -382,6 +386,34 @@ def given_keys(
     keys |= {parse_override(text)[0] for text in overrides or []}
     keys |= {key for key, value in (flags or {}).items() if value is not None}
     return keys
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values as ``{"train.epochs": 12, ...}`` (a mapping value, such as
+    ``train.class_weights``, stays whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted in SECTION_KEYS:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+SECTION_KEYS = frozenset(item.name for item in fields(Config) if is_dataclass(item.default_factory))
+
+
+def differences_from_defaults(values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (default, value)}`` for each key of a run's config values (``config.yaml``,
+    ``store.read_config_values``) that differs from imgclf's defaults; unknown keys (a newer
+    or older imgclf's) are listed with the default ``None``."""
+    defaults = flatten(asdict(Config()))
+    return {
+        key: (defaults.get(key), value)
+        for key, value in flatten(values).items()
+        if key not in defaults or defaults[key] != value
+    }
 
 
 def lookup(config: Config, dotted: str) -> Any:
