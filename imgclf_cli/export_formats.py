@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf_cli import __version__, store
+from imgclf_cli import __version__, liveness, store
 from imgclf_cli.errors import ModelError
 from imgclf_cli.inference import IMAGES_SIGNATURE, LABELS_TEXT_FILE, MODEL_METADATA_KEY
 
@@ -351,7 +351,7 @@ def remove_dead_staging(parent: Path, name: str) -> None:
     """Delete the staging folders of ``name`` in ``parent`` whose writing process is gone."""
     for leftover in parent.glob(f".{name}.*"):
         writer = leftover.name[len(name) + 2 :].split(".", 1)[0]
-        if leftover.is_dir() and writer.isdigit() and not store.process_alive(int(writer)):
+        if leftover.is_dir() and writer.isdigit() and not liveness.pid_exists(int(writer)):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -376,12 +376,7 @@ def write_failures_suggest(elsewhere: str) -> Iterator[None]:
     try:
         yield
     except store.StoreWriteError as error:
-        if error.errno == errno.ENOSPC:
-            remedy = f"free some space on the disk holding {error.path.parent}"
-        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            remedy = f"make {error.path.parent} writable"
-        else:
-            remedy = "check the disk and the folder's permissions"
+        remedy = store.write_remedy(error.errno, error.path.parent)
         raise store.StoreWriteError(
             error.message, f"{remedy}, or {elsewhere}", error.errno, error.path
         ) from None

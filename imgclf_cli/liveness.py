@@ -74,7 +74,7 @@ def pid_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
-        return True  # someone else's process
+        return True  # someone else's process (or a pid this system cannot have)
     return True
 
 

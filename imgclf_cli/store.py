@@ -180,13 +180,22 @@ class StoreWriteError(StoreError):
 def write_error(path: Path, error: OSError) -> StoreWriteError:
     """One line for a write that failed: which file, why, what to do."""
     reason = error.strerror or str(error) or type(error).__name__
-    if error.errno == errno.ENOSPC:
-        hint = f"free some space on the disk holding {path.parent}, or write elsewhere (--runs-dir)"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        hint = f"make {path.parent} writable, or write elsewhere (--runs-dir)"
-    else:
-        hint = "check the disk and the folder's permissions"
+    hint = write_remedy(error.errno, path.parent)
+    if error.errno in SPACE_OR_PERMISSION:
+        hint += ", or write elsewhere (--runs-dir)"
     return StoreWriteError(f"Cannot write {path}: {reason}", hint, error.errno, path)
+
+
+SPACE_OR_PERMISSION = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_remedy(code: int | None, folder: Path) -> str:
+    """What to do about a write into ``folder`` that failed with errno ``code``."""
+    if code == errno.ENOSPC:
+        return f"free some space on the disk holding {folder}"
+    if code in SPACE_OR_PERMISSION:
+        return f"make {folder} writable"
+    return "check the disk and the folder's permissions"
 
 
 def os_error_in(error: BaseException) -> OSError | None:
@@ -247,18 +256,8 @@ def remove_dead_temporaries(path: Path) -> None:
     """Delete temporaries of ``path`` whose writing process is gone (on this host)."""
     for leftover in path.parent.glob(f".{path.stem}.*"):
         writer = leftover.name[len(path.stem) + 2 :].split(".", 1)[0]
-        if writer.isdigit() and not process_alive(int(writer)):
+        if writer.isdigit() and not liveness.pid_exists(int(writer)):
             leftover.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process (or a pid this system cannot have: keep the file)
-    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:
