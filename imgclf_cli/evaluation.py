@@ -32,6 +32,7 @@ from imgclf_cli.export_formats import replace_directory, staging_folder, write_f
 from imgclf_cli.filesystems import exists_checker
 from imgclf_cli.images import UnreadableImage
 from imgclf_cli.inference import Predictor, best_model_of_run, check_output_folder, load_keras_predictor
+from imgclf_cli.mlflow_tracking import log_evaluation
 from imgclf_cli.prediction import decoded_batches, predict_decoded
 
 ECE_BINS = 15
@@ -521,4 +522,9 @@ def evaluate(
         plots,
         on_wait=lambda: warn(f"another evaluation is writing {output_dir}; waiting for it to finish"),
     )
+    log_evaluation(report, warn)  # to the run's MLflow run, if it has one
+    from imgclf_cli.tensorboard_log import log_evaluation as log_to_tensorboard
+
+    epochs = store.read_meta(run_dir).get("epochs_completed") or 0
+    log_to_tensorboard(run_dir, chosen.name, report.to_dict(), output_dir, int(epochs), warn)
     return report

@@ -249,6 +249,6 @@ def prepare_phase_two(
     plateau = config.train.lr_schedule == "plateau"
     budget = time_budget_seconds(config)
     phase.callbacks, phase.time_keeper = fit_callbacks(
-        recorder, listener, clock, budget, phase.last_epoch, plateau
+        recorder, listener, clock, budget, phase.last_epoch, plateau, tensorboard=config.train.tensorboard
     )
     return phase

@@ -38,6 +38,7 @@ from imgclf_cli.feature_cache import (
 from imgclf_cli.fine_tuning import plan_fine_tuning, prepare_phase_two
 from imgclf_cli.fitting import TrainingData, build_before_tracing, fit_from, stopped_reason
 from imgclf_cli.liveness import TrainingLock, current_owner
+from imgclf_cli.mlflow_tracking import track_with_mlflow
 from imgclf_cli.models import build_model, canonical_model_name, load_model, sole_backbone
 from imgclf_cli.multi_worker import custom_fit, join_team
 from imgclf_cli.new_run import prepare_new_run
@@ -176,6 +177,8 @@ def train(
     listener = listener or TrainingListener()
     clock_start = time.monotonic() if clock_start is None else clock_start
     cluster = cluster_from_environment()
+    # MLflow tracking (train.mlflow or MLFLOW_TRACKING_URI) follows the events; the chief's only.
+    listener = track_with_mlflow(listener, chief=cluster is None or cluster.is_chief)
     # The run's training lock (and heartbeat), released however training ends.
     held = contextlib.ExitStack()
     try:
@@ -356,7 +359,15 @@ def train_run(
     )
     plateau = config.train.lr_schedule == "plateau"
     callbacks, time_keeper = fit_callbacks(
-        recorder, listener, clock, budget, max_epochs, plateau, later_epochs, later_seconds
+        recorder,
+        listener,
+        clock,
+        budget,
+        max_epochs,
+        plateau,
+        later_epochs,
+        later_seconds,
+        tensorboard=config.train.tensorboard,
     )
     # Another worker's run is a private copy: it shows the chief's.
     shown_run = team.chief_run_dir if team else run_dir

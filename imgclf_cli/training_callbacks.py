@@ -462,12 +462,19 @@ def fit_callbacks(
     plateau: bool,
     later_epochs: int = 0,
     later_seconds: float = 0.0,
+    tensorboard: bool = False,
 ) -> tuple[list[keras.callbacks.Callback], TimeBudget | None]:
     """The callbacks of one ``fit`` (one phase of training), and its ``TimeBudget`` if any.
 
     ``plateau``: ``train.lr_schedule`` is ``plateau`` (Keras' ReduceLROnPlateau).
+    ``tensorboard``: ``train.tensorboard``, event files in the run (``imgclf_cli.tensorboard_log``).
     """
     callbacks: list[keras.callbacks.Callback] = [recorder]
+    if tensorboard:
+        from imgclf_cli.tensorboard_log import EpochLog, tensorboard_dir
+
+        # After the recorder: the epoch's row (and learning rate) is settled when it logs.
+        callbacks.append(EpochLog(tensorboard_dir(recorder.run_dir), listener.on_warning))
     time_keeper: TimeBudget | None = None
     if clock is not None and budget_seconds is not None:
         time_keeper = TimeBudget(

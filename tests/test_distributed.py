@@ -181,7 +181,14 @@ def only_run(runs: Path) -> Path:
 
 
 def run_files(run_dir: Path) -> set[str]:
-    return {str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file()}
+    """The run's files; TensorBoard's event files by folder (their names hold host, pid, time)."""
+    return {
+        str(path.relative_to(run_dir).parent / "events")
+        if path.name.startswith("events.")
+        else str(path.relative_to(run_dir))
+        for path in run_dir.rglob("*")
+        if path.is_file()
+    }
 
 
 def assert_same_weights(expected: list[np.ndarray], got: list[np.ndarray]) -> None:

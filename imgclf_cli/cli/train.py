@@ -149,8 +149,10 @@ def train_command(
     from imgclf_cli.cluster import check_distribute, chief_run, cluster_from_environment
     from imgclf_cli.config import resolve_config
     from imgclf_cli.dataset_layout import check_dataset_folder
+    from imgclf_cli.mlflow_tracking import check_mlflow_installed
 
     config = resolve_config(config_file, overrides, flags)
+    check_mlflow_installed(config)  # train.mlflow without the imgclf[mlflow] extra
     # Another worker of a multi-worker training writes nothing in the store, and resumes the
     # run that the chief holds (imgclf_cli.cluster).
     cluster = cluster_from_environment()

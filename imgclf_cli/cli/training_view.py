@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
+
 from imgclf_cli.console import err, make_progress, make_training_progress, warn
 from imgclf_cli.time_budget import format_duration
 from imgclf_cli.training_events import (
@@ -110,7 +112,7 @@ class TrainingView(TrainingListener):
 
     def on_warning(self, message: str) -> None:
         self.stop_spinner()
-        warn(message)
+        warn(escape(message))  # library text, not Rich markup: "imgclf[mlflow]" must stay
 
     def on_training_start(self, event: TrainingStarted) -> None:
         self.stop_spinner()
