@@ -23,7 +23,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from imgclf_cli import __version__, quiet_logs
-from imgclf_cli.cli import evaluate, export, inspect_dataset, predict, train
+from imgclf_cli.cli import evaluate, export, inspect_dataset, predict, runs, train
 from imgclf_cli.cli.options import HelpOption, flag
 from imgclf_cli.console import err
 from imgclf_cli.errors import ImgclfError
@@ -122,6 +122,13 @@ COMMANDS = {
 }
 for command_name, (function, summary) in COMMANDS.items():
     app.command(command_name, cls=PlainUsageCommand, short_help=summary)(error_boundary(function))
+# A group: `imgclf runs` alone lists the runs; its commands and the group's own options go
+# through the same error boundary.
+app.add_typer(
+    runs.build_runs_app(error_boundary, PlainUsageCommand),
+    name="runs",
+    short_help="List, show, compare and delete runs.",
+)
 
 
 def main() -> None:
