@@ -8,6 +8,7 @@ stops training when a ``--time`` budget's training share is spent. Both report t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -68,6 +69,12 @@ class TrainingState:
     def best_row(self) -> dict[str, float]:
         """The history row of the best epoch (there must be one)."""
         return next(row for row in self.history if int(row["epoch"]) == self.best_epoch)
+
+    def snapshot(self) -> TrainingState:
+        return dataclasses.replace(self, history=list(self.history))
+
+    def restore(self, snapshot: TrainingState) -> None:
+        self.__dict__.update(dataclasses.replace(snapshot, history=list(snapshot.history)).__dict__)
 
     def restart_patience(self) -> None:
         """A new phase of training (fine-tuning) gets its own early-stopping patience."""
@@ -201,6 +208,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.images = True
         self.step_in_epoch = 0
         self.saved_step = 0
+        self.saved_epoch = 0  # the last epoch last.keras holds whole (this process's)
         self.saved_at = time.perf_counter()
         # A run resumed mid-epoch: the step it continues from and the epoch's state then.
         self.resume: CheckpointPosition | None = None
@@ -302,7 +310,37 @@ class RunRecorder(keras.callbacks.Callback):
             "learning_rate": current_learning_rate(self.model),
             "seconds": time.perf_counter() - self.epoch_started,
         }
+        before = self.state.snapshot()
         improved = self.state.record(row)
+        try:
+            self.save_epoch(epoch, row, improved)
+        except BaseException:
+            # Stopped (Ctrl-C, a full disk) before last.keras held this epoch: the epoch is not
+            # the run's, or its end would record an epoch that history.csv and last.keras lack.
+            if self.saved_epoch != epoch + 1:
+                self.state.restore(before)
+            raise
+        self.listener.on_epoch_end(
+            EpochEnded(
+                epoch=epoch + 1,
+                total_epochs=self.total_epochs,
+                loss=row["loss"],
+                accuracy=row["accuracy"],
+                val_loss=row["val_loss"],
+                val_accuracy=row["val_accuracy"],
+                learning_rate=row["learning_rate"],
+                seconds=row["seconds"],
+                improved=improved,
+            )
+        )
+        if self.patience and self.state.epochs_without_improvement >= self.patience:
+            self.stopped_early = True
+            self.model.stop_training = True
+
+    def save_epoch(self, epoch: int, row: dict[str, float], improved: bool) -> None:
+        """best.keras (when ``improved``), then last.keras, history.csv and meta.json; once
+        last.keras holds the epoch, an interruption finishes writing history.csv, so that the
+        three agree."""
         saving_started = time.perf_counter()
         checkpoint_model = self.checkpoint_model or self.model
         if improved:
@@ -321,32 +359,21 @@ class RunRecorder(keras.callbacks.Callback):
             random_states=random_states(checkpoint_model),
         )
         save_checkpoint(checkpoint_model, self.run_dir, position)
+        self.saved_epoch = epoch + 1
         self.saved_step, self.saved_at = 0, time.perf_counter()
-        store.write_history(self.run_dir, self.state.history)
-        store.update_meta(
-            self.run_dir,
-            epochs_completed=epoch + 1,
-            best_epoch=self.state.best_epoch,
-            checkpoint=position_summary(position),
-        )
+        try:
+            store.write_history(self.run_dir, self.state.history)
+            store.update_meta(
+                self.run_dir,
+                epochs_completed=epoch + 1,
+                best_epoch=self.state.best_epoch,
+                checkpoint=position_summary(position),
+            )
+        except KeyboardInterrupt:
+            store.write_history(self.run_dir, self.state.history)  # the epoch is in last.keras
+            raise
         if self.clock is not None:
             self.clock.checkpoint_seconds = time.perf_counter() - saving_started
-        self.listener.on_epoch_end(
-            EpochEnded(
-                epoch=epoch + 1,
-                total_epochs=self.total_epochs,
-                loss=row["loss"],
-                accuracy=row["accuracy"],
-                val_loss=row["val_loss"],
-                val_accuracy=row["val_accuracy"],
-                learning_rate=row["learning_rate"],
-                seconds=row["seconds"],
-                improved=improved,
-            )
-        )
-        if self.patience and self.state.epochs_without_improvement >= self.patience:
-            self.stopped_early = True
-            self.model.stop_training = True
 
 
 def current_learning_rate(model: keras.Model) -> float:

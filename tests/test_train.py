@@ -234,6 +234,51 @@ def test_saved_config_is_fully_resolved(trained_run: dict) -> None:
     assert (train["class_weights"], train["cache_features"]) == ("none", "false")  # balanced; no backbone
 
 
+@pytest.mark.parametrize(("while_saving", "epochs_kept"), [("save_checkpoint", 1), ("update_meta", 2)])
+def test_ctrl_c_while_an_epoch_is_saved_leaves_history_meta_and_checkpoint_agreeing(
+    tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch, while_saving: str, epochs_kept: int
+) -> None:
+    from imgclf_cli import training_callbacks
+    from imgclf_cli.checkpointing import read_position
+
+    data = make_class_folders(tmp_path / "data", per_class=6)
+    calls = {"save_checkpoint": 0, "update_meta": 0}
+
+    def interrupted_at_epoch_2(name: str, original):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if name == "update_meta" and "epochs_completed" not in kwargs:
+                return original(*args, **kwargs)
+            calls[name] += 1
+            if calls[name] == 2:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    if while_saving == "save_checkpoint":
+        original = training_callbacks.save_checkpoint
+        monkeypatch.setattr(
+            training_callbacks, "save_checkpoint", interrupted_at_epoch_2(while_saving, original)
+        )
+    else:
+        original = training_callbacks.store.update_meta
+        monkeypatch.setattr(
+            training_callbacks.store, "update_meta", interrupted_at_epoch_2(while_saving, original)
+        )
+    args = ["--epochs", "3", "--image-size", "16", "--batch-size", "8", "--set", "model.width=8"]
+    code, _, stderr = train_cli(str(data), *args)
+    monkeypatch.undo()
+    assert code == 130
+    (run_dir,) = store.list_runs(runs_dir)
+    meta = store.read_meta(run_dir)
+    # The epoch counts only once last.keras holds it, and then history.csv says so too.
+    assert len(store.read_history(run_dir)) == epochs_kept
+    assert meta["epochs_completed"] == epochs_kept and meta["best_epoch"] <= epochs_kept
+    position = read_position(store.last_checkpoint_path(run_dir))
+    assert position is not None and position.epoch == epochs_kept
+    assert f"Interrupted after epoch {epochs_kept};" in stderr
+
+
 def test_interrupt_then_resume_continues_from_last_epoch(
     tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
