@@ -557,10 +557,15 @@ def is_run_dir(path: Path) -> bool:
 
 
 def list_runs(root: Path) -> list[Path]:
-    """Run folders under ``root``, oldest first."""
+    """Run folders under ``root``, oldest first; hidden ones (a run ``imgclf runs rm`` is
+    deleting, renamed ``.trash-...``) are not runs any more."""
     if not root.is_dir():
         return []
-    runs = (child for child in root.iterdir() if child.is_dir() and is_run_dir(child))
+    runs = (
+        child
+        for child in root.iterdir()
+        if not child.name.startswith(".") and child.is_dir() and is_run_dir(child)
+    )
     return sorted(runs, key=lambda path: path.name)
 
 

@@ -185,3 +185,15 @@ def test_outputs_of_a_replaced_best_model_are_stale_until_made_again(tmp_path: P
     assert store.mark_outputs_stale(run) == ["eval", "export"] == store.read_meta(run)["stale"]
     store.clear_stale(run, "export")
     assert store.stale_outputs(run) == ["eval"] == store.read_meta(run)["stale"]
+
+
+def test_a_run_being_deleted_is_not_a_run(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    kept = store.create_run_dir(root, "imgclf-cnn", name="kept")
+    store.update_meta(kept, status=store.STATUS_COMPLETED)
+    # `imgclf runs rm` renames a run to a hidden trash folder before removing it.
+    trash = root / ".trash-20991231-000000-imgclf-cnn-123"
+    trash.mkdir()
+    store.atomic_write_json(trash / store.META_FILE, {"status": store.STATUS_COMPLETED})
+    assert store.list_runs(root) == [kept]
+    assert store.resolve_run("latest", root) == kept
