@@ -110,11 +110,14 @@ class EpochLog(keras.callbacks.TensorBoard):
     def on_train_end(self, logs: dict | None = None) -> None:
         self.safely(super().on_train_end, logs)
 
+    # The parent also logs each validation against the optimizer's iterations: fine-tuning's new
+    # optimizer counts from 0 again, so that curve would fold back on itself, and the epoch's
+    # validation scalars (validation/epoch_*) hold the same values.
     def on_test_begin(self, logs: dict | None = None) -> None:
-        self.safely(super().on_test_begin, logs)
+        pass
 
     def on_test_end(self, logs: dict | None = None) -> None:
-        self.safely(super().on_test_end, logs)
+        pass
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.safely(super().on_epoch_begin, epoch, logs)

@@ -53,6 +53,9 @@ def test_training_logs_every_epochs_scalars(trained_run: dict[str, Path]) -> Non
     validation = read_events(run_dir / "tensorboard" / "validation")
     for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate"):
         assert sorted(train[tag]) == epochs, tag
+    # Only the epoch's curves: Keras' per-iteration validation scalars would fold back when
+    # fine-tuning's new optimizer counts from 0 again.
+    assert set(validation) == {"epoch_loss", "epoch_accuracy"}
     for tag in ("epoch_loss", "epoch_accuracy"):
         assert sorted(validation[tag]) == epochs, tag
     # The values are the run's own history, epoch by epoch.
@@ -60,6 +63,22 @@ def test_training_logs_every_epochs_scalars(trained_run: dict[str, Path]) -> Non
         assert train["epoch_loss"][epoch] == pytest.approx(row["loss"], rel=1e-5)
         assert validation["epoch_accuracy"][epoch] == pytest.approx(row["val_accuracy"], rel=1e-5)
     assert train["epoch_learning_rate"][0] > train["epoch_learning_rate"][len(history) - 1]  # cosine
+
+
+def test_a_resumed_run_continues_the_same_curves(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = run_copy(trained_run, tmp_path)
+    epochs = len(store.read_history(run_dir))
+    args = ["train", "--resume", str(run_dir), "--runs-dir", str(run_dir.parent), "--epochs", str(epochs + 1)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(store.read_history(run_dir)) == epochs + 1
+    train = read_events(run_dir / "tensorboard" / "train")
+    # A second event file in the same folder, the new epoch numbered after the others.
+    assert len(list((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2
+    assert sorted(train["epoch_loss"]) == list(range(epochs + 1))
+    assert sorted(read_events(run_dir / "tensorboard" / "validation")["epoch_loss"]) == list(
+        range(epochs + 1)
+    )
 
 
 def test_evaluate_adds_its_metrics_and_images_under_the_datasets_tag(
