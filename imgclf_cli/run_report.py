@@ -19,7 +19,7 @@ from typing import Any
 from imgclf_cli import store
 from imgclf_cli.errors import ImgclfError
 from imgclf_cli.run_catalog import RunDetails, run_details
-from imgclf_cli.run_outputs import EvaluationSummary, ExportSummary
+from imgclf_cli.run_outputs import EXPORT_REPORT_FILE, EvaluationSummary, ExportSummary
 
 # Section ids: a contract with tests/test_run_report.py and anyone linking into a report.
 SECTIONS = ("headline", "config", "dataset", "training-curves", "evaluations", "exports")
@@ -29,6 +29,7 @@ EVALUATION_PLOTS = (
     ("reliability", "Reliability diagram", "reliability.png"),
 )
 EXPORT_COLUMNS = (
+    ("path", "file"),
     ("format", "format"),
     ("quantization", "quantization"),
     ("size_bytes", "size"),
@@ -36,6 +37,7 @@ EXPORT_COLUMNS = (
     ("max_abs_diff", "max abs diff"),
     ("accuracy_delta", "accuracy delta"),
     ("latency_ms", "latency (ms)"),
+    ("threshold", "held to"),
     ("passed", "passed"),
 )
 STYLE = """
@@ -61,16 +63,28 @@ img { max-width: 100%; border: 1px solid #d1d9e0; }
 
 
 def write_html_report(run_dir: Path, output: Path) -> None:
-    """Write the report of ``run_dir`` to ``output`` (atomically; its folder is created)."""
-    output = Path(output)
+    """Write the report of ``run_dir`` to ``output`` (atomically; its folder is created).
+
+    An output that cannot be written (a folder, a path through a file, no permission, a full
+    disk) is one ``ImgclfError`` naming it, raised before anything is written.
+    """
+    output = Path(output).expanduser()
     if output.is_dir():
         raise ImgclfError(f"{output} is a folder", "give a file name for the report, e.g. report.html")
+    existing = next((folder for folder in output.parents if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ImgclfError(
+            f"Cannot write the report to {output}: {existing} is a file, not a folder",
+            "give a path in a folder (--html FILE)",
+        )
     page = render_report(run_details(Path(run_dir)))
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
         store.atomic_write_text(output, page)
-    except OSError as error:
-        raise store.write_error(output, error) from None
+    except store.StoreWriteError as error:
+        raise ImgclfError(
+            error.message,
+            f"{store.write_remedy(error.errno, output.parent)}, or write it elsewhere (--html FILE)",
+        ) from None
 
 
 def render_report(details: RunDetails) -> str:
@@ -130,7 +144,8 @@ def size_text(size: Any) -> str:
         return formatted(size)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            # A no-break space: "2.5 MB" never wraps between its number and its unit.
+            return f"{size:.0f}\u00a0{unit}" if unit == "B" else f"{size:.1f}\u00a0{unit}"
         size /= 1024
     return str(size)
 
@@ -333,19 +348,86 @@ def exports_section(export: ExportSummary | None, run_id: str) -> str:
     if export.problem:
         parts.append(missing(export.problem))
     if export.verified is not None:
-        verdict = "passed" if export.passed else "failed"
-        parts.append(
-            f'<p>Verification: <span class="{"pass" if export.passed else "fail"}">{verdict}</span></p>'
-        )
+        verdict = "passed" if export.passed else "failed" if export.verified else "not verified"
+        css = "pass" if export.passed else "fail" if export.verified else "missing"
+        parts.append(f'<p>Verification: <span class="{css}">{verdict}</span></p>')
     if export.artifacts:
-        rows = [
-            tuple(
-                size_text(artifact.get(key)) if key == "size_bytes" else artifact.get(key)
-                for key, _ in EXPORT_COLUMNS
+        parts.append(
+            table(
+                [title for _, title in EXPORT_COLUMNS],
+                export_rows(export.artifacts, export.path),
+                numeric_from=3,
             )
-            for artifact in export.artifacts
-        ]
-        parts.append(table([title for _, title in EXPORT_COLUMNS], rows, numeric_from=2))
+        )
+        problems = verification_problems(export.path)
+        if problems:
+            parts.append("<h3>Problems found</h3>" + bullet_list(problems))
     elif not export.problem:
         parts.append(missing("The export folder lists no artifact."))
     return section("exports", "Exports and their verification", "\n".join(parts))
+
+
+def export_rows(artifacts: Sequence[dict[str, Any]], export_folder: Path) -> list[tuple[Any, ...]]:
+    """One row per artifact; the SavedModel's check on encoded image bytes (``serving_check``,
+    the same file a second time) is named as such."""
+    rows = []
+    seen: set[str] = set()
+    for artifact in artifacts:
+        path = str(artifact.get("path") or "")
+        checked = path in seen
+        seen.add(path)
+        values: list[Any] = []
+        for key, _ in EXPORT_COLUMNS:
+            value = artifact.get(key)
+            if key == "path":
+                value = artifact_name(Path(path), export_folder) + (
+                    " (serving_default, image bytes)" if checked else ""
+                )
+            elif key == "size_bytes":
+                value = size_text(value)
+            elif key == "threshold":
+                value = threshold_text(value)
+            elif key == "passed":
+                value = "not verified" if value is None else "passed" if value else "FAILED"
+            values.append(value)
+        rows.append(tuple(values))
+    return rows
+
+
+def artifact_name(path: Path, export_folder: Path) -> str:
+    """``model.tflite``, ``saved_model/1``: the artifact within the export folder (its recorded
+    path is absolute, and the run may have been moved since)."""
+    try:
+        return str(path.relative_to(export_folder))
+    except ValueError:
+        return f"{path.parent.name}/{path.name}" if path.name.isdigit() else path.name
+
+
+def threshold_text(threshold: Any) -> str | None:
+    """``>= 99.5% agreement, probabilities within 0.01``: what the artifact was held to."""
+    if not isinstance(threshold, dict):
+        return None
+    terms = []
+    if isinstance(threshold.get("min_agreement"), (int, float)):
+        terms.append(f"≥ {threshold['min_agreement']:.1%} agreement")
+    if isinstance(threshold.get("max_abs_diff"), (int, float)):
+        terms.append(f"probabilities within {threshold['max_abs_diff']:g}")
+    if isinstance(threshold.get("max_accuracy_drop"), (int, float)):
+        terms.append(f"≤ {threshold['max_accuracy_drop'] * 100:g} points of accuracy lost")
+    return ", ".join(terms) or "none"
+
+
+def verification_problems(export_folder: Path) -> list[str]:
+    """``file: problem`` for each check an artifact failed (``export.json``'s ``problems``)."""
+    try:
+        recorded = store.read_run_json(export_folder / EXPORT_REPORT_FILE).get("problems")
+    except (ImgclfError, AttributeError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [
+        f"{Path(str(path)).name}: {problem}"
+        for path, problems in recorded.items()
+        if isinstance(problems, list)
+        for problem in problems
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -96,8 +97,9 @@ def test_the_report_of_an_evaluated_exported_run_has_every_section(full_run: Pat
         "Reliability diagram, val",
     ):
         assert png_of(alts[alt]).format == "PNG", alt
-    # The export verification table names the artifact and its verdict.
-    assert "tflite" in words and "passed" in words
+    # The export verification table: one row per artifact, its file, what it was held to, its verdict.
+    assert page.rows_under["exports"] == 1 + 1
+    assert "model.tflite" in words and "≥ 99.5% agreement" in words and "passed" in words
     # Nothing is fetched from anywhere: no link or source outside the page, no CSS url().
     assert all(not image["src"].startswith(("http", "//")) for image in page.images)
     assert all(not link.startswith(("http", "//")) for link in page.links)
@@ -113,6 +115,8 @@ def test_a_run_without_outputs_says_what_is_missing_and_escapes_its_text(
     )
     hostile = "images/<script>alert(1)</script>.png"
     store.update_meta(run_dir, skipped_files=[{"path": hostile, "reason": "cannot identify <b>image</b>"}])
+    hostile_class = "<script>alert('class')</script>"
+    rename_first_class(run_dir, hostile_class)
     output = tmp_path / "report.html"
     write_html_report(run_dir, output)
     text = output.read_text(encoding="utf-8")
@@ -123,6 +127,39 @@ def test_a_run_without_outputs_says_what_is_missing_and_escapes_its_text(
     assert "No export yet" in words
     assert "<script>" not in text and hostile in words  # shown as text, never as markup
     assert "cannot identify <b>image</b>" in words
+    assert hostile_class in words  # the class, in the per-class split table
+    assert page.rows_under["dataset"] >= 1 + len(store.read_labels(run_dir))
+
+
+def rename_first_class(run_dir: Path, name: str) -> None:
+    """Give the run's first class ``name`` wherever the run records it."""
+    labels = store.read_labels(run_dir)
+    store.write_labels(run_dir, [name, *labels[1:]])
+    split = json.loads((run_dir / store.SPLIT_FILE).read_text(encoding="utf-8"))
+    split["classes"] = [name, *split["classes"][1:]]
+    store.atomic_write_json(run_dir / store.SPLIT_FILE, split)
+    for metrics_file in (run_dir / store.EVAL_DIR).glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        metrics["per_class"] = {
+            name if label == labels[0] else label: scores for label, scores in metrics["per_class"].items()
+        }
+        store.atomic_write_json(metrics_file, metrics)
+
+
+def test_a_class_name_with_markup_is_text_in_every_table(full_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / full_run.name
+    shutil.copytree(full_run, run_dir)
+    hostile_class = '<script>alert("x")</script><img src="https://example.com/x.png">'
+    rename_first_class(run_dir, hostile_class)
+    output = tmp_path / "report.html"
+    write_html_report(run_dir, output)
+    text = output.read_text(encoding="utf-8")
+    page = Page(text)
+    assert "<script" not in text.lower()
+    assert all(image["src"].startswith("data:image/png;base64,") for image in page.images)
+    # Shown once in the split table and once in the evaluation's per-class table.
+    assert sum(piece.count(hostile_class) for piece in page.text) == 2
+    assert page.rows_under["per-class"] == 1 + len(store.read_labels(run_dir))
 
 
 def test_a_folder_as_output_is_one_clear_error(trained_run: dict[str, Path], tmp_path: Path) -> None:
@@ -134,3 +171,13 @@ def test_a_folder_as_output_is_one_clear_error(trained_run: dict[str, Path], tmp
     with pytest.raises(ImgclfError, match="is a folder"):
         write_html_report(trained_run["run_dir"], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_through_a_file_is_one_clear_error(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    output = tmp_path / "notes.txt" / "reports" / "report.html"
+    result = CliRunner().invoke(app, ["runs", "show", str(trained_run["run_dir"]), "--html", str(output)])
+    assert result.exit_code == 1
+    assert "notes.txt is a file, not a folder" in result.output and "Hint:" in result.output
+    assert "Traceback" not in result.output
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
