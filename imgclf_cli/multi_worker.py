@@ -151,27 +151,10 @@ class Team:
     timeout_seconds: float
     chief_run_dir: Path
     """The run the chief writes (on the chief's filesystem)."""
-    fits: dict[int, DistributedFit] = field(default_factory=dict)
     gather: Callable[[np.ndarray], np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         self.gather = gathered_from_all(self.strategy)
-
-    def fit(
-        self,
-        model: keras.Model,
-        data: TrainingData,
-        epochs: int,
-        initial_epoch: int,
-        callbacks: list[keras.callbacks.Callback],
-        class_weight: dict[int, float] | None,
-    ) -> None:
-        """What ``fitting.fit_quietly`` does, on every worker together."""
-        # One per model: its traced step functions are reused across the fits of a resume.
-        if id(model) not in self.fits:
-            self.fits[id(model)] = DistributedFit(self.strategy, model)
-        with self.lost_worker_reported():
-            self.fits[id(model)].run(data, epochs, initial_epoch, callbacks, class_weight)
 
     def agreed(self, every: CheckpointEvery) -> CheckpointEvery:
         """``every`` as all workers decide it together (see ``AgreedCheckpointEvery``)."""
@@ -372,11 +355,11 @@ def custom_fit(strategy: tf.distribute.Strategy, team: Team | None) -> Callable[
     loop, rather than fit's own distribution of the stream, which deals the seeded batches to
     the replicas in another order (a mirrored run then trains on other batches than one device
     would) and needs validation batches that divide evenly."""
-    if team is not None:
-        return team.fit
-    if strategy.num_replicas_in_sync < 2:
+    if team is None and strategy.num_replicas_in_sync < 2:
         return None
     loops: dict[int, DistributedFit] = {}
+    # Several workers: TensorFlow's error when a peer is gone becomes one line naming it.
+    guard = team.lost_worker_reported if team is not None else contextlib.nullcontext
 
     def fit(
         model: keras.Model,
@@ -388,7 +371,8 @@ def custom_fit(strategy: tf.distribute.Strategy, team: Team | None) -> Callable[
     ) -> None:
         if id(model) not in loops:  # its traced step functions serve every fit of a resume
             loops[id(model)] = DistributedFit(strategy, model)
-        loops[id(model)].run(data, epochs, initial_epoch, callbacks, class_weight)
+        with guard():
+            loops[id(model)].run(data, epochs, initial_epoch, callbacks, class_weight)
 
     return fit
 
